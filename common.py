@@ -1,0 +1,1055 @@
+"""
+common.py: what the five method scripts share, and nothing method-specific.
+
+  config      get_config: defaults < preset < command line, --help, errors that name the fix
+  system      device, seeding, seeded generators, autocast, torch.distributed helpers, run()
+  checkpoint  save (atomic) and load (weights_only=True, clear errors)
+  data        MVTec AD, MVTec-like folders, BTAD, VisA (raw and 1cls), the built-in synthetic
+              benchmark; deterministic training batches; Perlin anomaly synthesis
+  metrics     image/pixel AUROC, AP, F1-max, the official MVTec AUPRO, mAD
+  backbones   pretrained weights from a local file or the timm cache, BatchNorm recalibration
+"""
+import csv
+import difflib
+import functools
+import glob
+import hashlib
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+from scipy import ndimage
+
+
+class UserError(Exception):
+    """A mistake the user can fix (path, key, category, checkpoint): printed as one line, exit 2."""
+
+
+def cli(main):
+    """Run main() and turn UserError into a one-line message and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+# -----------------------------------------------------------------------------
+# config: every script has one dict of defaults (BASE_CONFIG + its own keys) and two presets
+
+BASE_CONFIG = dict(
+    data='synthetic',       # synthetic | mvtec | visa | btad | folder (any MVTec-like root, e.g. MPDD)
+    data_root='',           # dataset folder; '' = data/<data>
+    category='all',         # a category, 'all' (one multi-class model) or 'each' (one model per category)
+    preset='auto',          # auto | paper | tiny; auto = tiny on synthetic data, paper otherwise
+    out_dir='',             # '' = out/<method>_<data>_<category>_<preset>_s<seed>
+    seed=0,                 # seeds init, data order, training noise, test noise and the validation split
+    device='auto',          # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    dtype='float32',        # float32 | bfloat16 (autocast on CUDA; TF32 is always allowed there)
+    compile=False,          # torch.compile the networks (GPU only; the first steps are slow)
+    batch_size=16,          # global training batch size, split over DDP ranks
+    image_size=256,         # network input size in pixels (images are resized, not cropped)
+    eval_size=0,            # size of maps and masks for the metrics; 0 = 128 on synthetic, 256 otherwise
+    val_frac=0.1,           # share of train/good held out as the validation split (never the test set)
+    train=False,            # train, then evaluate (what happens when neither --train nor --eval is given)
+    eval=False,             # only evaluate the checkpoint in out_dir
+    resume=False,           # continue training from out_dir/ckpt.pt (exactly, on the same hardware)
+    dtd_root='',            # DTD folder (images/*/*.jpg) for Perlin anomaly textures; '' = procedural
+    backbone_weights='',    # '' = random init + BatchNorm recalibration, 'timm' = timm cache, or a file
+    num_workers=0,          # data loader worker processes for training
+    log_interval=100,       # steps between log lines
+    ckpt_interval=1000,     # steps between checkpoints
+    heatmaps=0,             # heatmap PNGs written per category at evaluation
+)
+METHODS = ('diffusionad', 'inversion_ad', 'omiad', 'decodiff', 'lasb')
+RUNTIME_KEYS = ('device', 'data_root', 'batch_size', 'heatmaps', 'num_workers', 'out_dir', 'dtype')
+
+
+def _comments(path):
+    """key -> the comment after `key=value,  # comment` (or `'key': value,  # ...`) in a file."""
+    out = {}
+    for line in open(path, encoding='utf-8'):
+        m = re.match(r"\s*'?(\w+)'?\s*[=:]\s*.+?,?\s+#\s*(.+)$", line)
+        if m:
+            out.setdefault(m[1], m[2])
+    return out
+
+
+def _coerce(key, text, default):
+    """Parse a command-line string to the type of the default, or fail naming the key."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if str(text).lower() in ('1', 'true', 'yes', 'on'):
+                return True
+            if str(text).lower() in ('0', 'false', 'no', 'off'):
+                return False
+            raise ValueError
+        if kind is str:
+            return str(text)
+        if kind is tuple:
+            value = tuple(float(v) if isinstance(default[0], float) else int(v)
+                          for v in str(text).strip('()[] ').split(',') if v.strip())
+            return value
+        return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+    except (ValueError, TypeError, IndexError):
+        raise UserError(f"--{key} expects {kind.__name__} (default {default!r}), got {text!r}")
+
+
+def _parse_argv(argv, defaults):
+    """['--lr', '1e-4', '--no-ema', '--data=mvtec'] -> {'lr': 1e-4, 'ema': False, 'data': 'mvtec'}."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--'):
+            raise UserError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
+        key, has_value, value = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if key not in defaults and key.startswith('no_') and isinstance(defaults.get(key[3:]), bool):
+            key, has_value, value = key[3:], True, 'false'
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f' (did you mean --{close[0]}?)' if close else ''
+            raise UserError(f'unknown option --{key}{hint}; see --help')
+        if not has_value and isinstance(defaults[key], bool):
+            value = 'true'
+        elif not has_value:
+            if i + 1 >= len(argv) or argv[i + 1].startswith('--'):
+                raise UserError(f'--{key} needs a value (default {defaults[key]!r})')
+            value, i = argv[i + 1], i + 1
+        out[key] = _coerce(key, value, defaults[key])
+        i += 1
+    return out
+
+
+def print_help(defaults, presets, files, doc=''):
+    comments = {}
+    for f in files:
+        comments = {**_comments(f), **comments}
+    print((doc or '').strip().split('\n\n')[0] + '\n\noptions (default, [preset values]):')
+    for key, value in defaults.items():
+        tags = ', '.join(f'{p}: {v[key]!r}' for p, v in presets.items() if key in v)
+        print(f"  --{key} {value!r}".ljust(34) + comments.get(key, '') + (f'  [{tags}]' if tags else ''))
+
+
+def data_defaults(cfg):
+    """Fill data_root ('' = data/<data>) and eval_size (0 = 128 on synthetic, 256 otherwise)."""
+    return dict(cfg, data_root=cfg['data_root'] or os.path.join('data', cfg['data']),
+                eval_size=cfg['eval_size'] or (128 if cfg['data'] == 'synthetic' else 256))
+
+
+def get_config(defaults, presets, argv=None, file=None, doc=''):
+    """defaults < presets[preset] < command line. Prints the preset and every override."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    method = os.path.splitext(os.path.basename(file or sys.argv[0]))[0]
+    if '-h' in argv or '--help' in argv:
+        print_help(defaults, presets, [file or sys.argv[0], __file__], doc)
+        sys.exit(0)
+    cli_args = _parse_argv(argv, defaults)
+    data = cli_args.get('data', defaults['data'])
+    preset = cli_args.get('preset', defaults['preset'])
+    if preset == 'auto':
+        preset = 'tiny' if data == 'synthetic' else 'paper'
+    if preset not in presets:
+        raise UserError(f"unknown preset {preset!r}; choose auto, {', '.join(presets)}")
+    cfg = data_defaults({**defaults, **presets[preset], **cli_args, 'preset': preset, 'method': method})
+    cfg['out_dir'] = cfg['out_dir'] or os.path.join(
+        'out', f"{method}_{cfg['data']}_{cfg['category']}_{preset}_s{cfg['seed']}")
+    cfg['device'] = pick_device(cfg['device'])
+    if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
+        raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '
+                        'or pass --device cpu to run it anyway')
+    print(f"{method}: preset {preset}" + (' (auto)' if defaults['preset'] == preset == 'auto' else ''))
+    for key, value in cli_args.items():
+        print(f'overriding: {key} = {value!r}')
+    return cfg
+
+# -----------------------------------------------------------------------------
+# system: device, seeds, generators, autocast, distributed
+
+
+def pick_device(name='auto'):
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    return 'mps' if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available() else 'cpu'
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def key_seed(*keys):
+    """A 63-bit seed that is a pure function of the keys (stable across runs, machines, Python)."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], 'little') >> 1
+
+
+def generator(*keys):
+    """CPU torch.Generator seeded by keys, e.g. generator(seed, rank, step) for one training step."""
+    return torch.Generator().manual_seed(key_seed(*keys))
+
+
+def sample_noise(shape, seed, paths, device='cpu'):
+    """Test-time noise, one draw per sample seeded by (seed, path): scores do not depend on batch
+    size, batch position or DDP sharding. Drawn on the CPU so CPU and GPU runs use the same noise."""
+    return torch.stack([torch.randn(shape, generator=generator(seed, p)) for p in paths]).to(device)
+
+
+def autocast(device, dtype='float32'):
+    """bfloat16 autocast on CUDA when asked for; float32 everywhere else."""
+    if dtype == 'float32' or 'cuda' not in str(device):
+        return nullcontext()
+    return torch.autocast('cuda', dtype=torch.bfloat16)
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def print0(*args, **kwargs):
+    if rank_world()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def dist_setup(cfg):
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU); sets cfg['device'] per rank."""
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        if 'cuda' in cfg['device']:
+            cfg['device'] = f'cuda:{local}'
+            torch.cuda.set_device(cfg['device'])
+        dist.init_process_group('nccl' if 'cuda' in cfg['device'] else 'gloo')
+    if 'cuda' in cfg['device']:
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls/convs: float32 range, faster
+        torch.backends.cudnn.allow_tf32 = True
+    return rank_world()
+
+
+def dist_teardown():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_grads(params):
+    """Average gradients over ranks. Works for any update pattern (several networks, alternating
+    steps, sub-networks called outside forward) where a DDP wrapper would not; a missing gradient
+    counts as zero so every rank makes the same collective calls."""
+    world = rank_world()[1]
+    if world == 1:
+        return
+    for p in params:
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def check_finite(loss, step, ckpt_path):
+    """Stop on a NaN/inf loss before it reaches the weights; the last checkpoint stays as it was."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f'loss is {loss.item()} at step {step}: training stopped; the last good '
+                        f'checkpoint is {ckpt_path} (lower the learning rate, then --resume)')
+
+
+def run(cfg, train, Model):
+    """main() of every method. category 'each' loops over categories, one out_dir each; --eval
+    loads out_dir/ckpt.pt instead of training; rank 0 evaluates; an 'each' run ends with a mean row.
+    train(cfg) must return (model, train_seconds)."""
+    from eval import evaluate, summarize_each   # eval imports common, so import it on use
+    rank, world = dist_setup(cfg)
+    try:
+        each = cfg['category'] == 'each'
+        cats = categories(cfg['data'], cfg['data_root']) if each else [cfg['category']]
+        results = []
+        for cat in cats:
+            c = dict(cfg, category=cat, out_dir=os.path.join(cfg['out_dir'], cat)) if each else cfg
+            if c['eval'] and not c['train']:
+                model, ckpt = load(os.path.join(c['out_dir'], 'ckpt.pt'), Model, device=c['device'])
+                seconds = ckpt.get('train_seconds', float('nan'))
+            else:
+                model, seconds = train(c)
+            if rank == 0:
+                test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS}), 'test')
+                results.append(evaluate(model, test, c['out_dir'], c['heatmaps'], seconds))
+            barrier()
+        if each and rank == 0:
+            summarize_each(cfg['out_dir'], results)
+    finally:
+        dist_teardown()
+
+# -----------------------------------------------------------------------------
+# checkpoints: one dict, written atomically, read with weights_only=True
+
+
+def method_of(Model):
+    return os.path.splitext(os.path.basename(sys.modules[Model.__module__].__file__))[0]
+
+
+def save(path, model, **state):
+    """Write {method, config, preset, model, **state} to path atomically (rank 0 only): a kill
+    mid-write leaves the previous checkpoint intact."""
+    if rank_world()[0] != 0:
+        return
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    ckpt = dict(method=method_of(type(model)), config=model.cfg, preset=model.cfg.get('preset'),
+                model=model.state_dict(), versions=versions(), **state)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, or a one-line error for a missing, truncated, pickled or foreign file."""
+    if not os.path.isfile(path):
+        raise UserError(f'no checkpoint at {path}: train first (--train), or check --out_dir')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError here
+        if 'Unsupported global' in str(e):
+            raise UserError(f'{path} holds Python objects, not a checkpoint of this project; '
+                            'refusing to unpickle it (it could run code)')
+        raise UserError(f'{path} is truncated or not a PyTorch file ({type(e).__name__}); '
+                        're-download it or train again')
+    if not isinstance(ckpt, dict) or not {'method', 'config', 'model'} <= set(ckpt):
+        raise UserError(f'{path} is not a checkpoint of this project (no method/config/model keys)')
+    return ckpt
+
+
+def load(path, Model, overrides=None, device='cpu', ckpt=None):
+    """(model, ckpt) from a checkpoint of this Model. overrides may change INFER_KEYS and run-time
+    keys (device, data_root, ...) only; anything else would need retraining."""
+    ckpt, method = ckpt or read_checkpoint(path), method_of(Model)
+    if ckpt['method'] != method:
+        raise UserError(f"{path} is a {ckpt['method']} checkpoint; use {ckpt['method']}.py, "
+                        f"not {method}.py")
+    cfg = dict(ckpt['config'])
+    for key, value in (overrides or {}).items():
+        if key not in tuple(Model.INFER_KEYS) + RUNTIME_KEYS:
+            raise UserError(f'--{key} cannot change without retraining; inference keys of {method}: '
+                            f"{', '.join(Model.INFER_KEYS) or 'none'}")
+        cfg[key] = value
+    cfg['device'] = device
+    model = Model(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    except RuntimeError as e:   # shape mismatches
+        missing, unexpected = [str(e).split('\n')[1].strip()], []
+    if missing or unexpected:
+        raise UserError(f'{path} does not match this version of {method}.py (different config or '
+                        f'code): missing {missing[:3]}, unexpected {unexpected[:3]}')
+    return model.to(device).eval(), ckpt
+
+
+def versions():
+    import torchvision
+    try:
+        import timm
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ''
+    return dict(python=sys.version.split()[0], torch=str(torch.__version__), numpy=str(np.__version__),
+                torchvision=str(torchvision.__version__), timm=timm_version, git=commit or 'unknown')
+
+# -----------------------------------------------------------------------------
+# data: every sample is a dict(image (3,H,W) in [0,1], mask (1,S,S) in {0,1}, label, cls, path)
+
+MVTEC = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather', 'metal_nut', 'pill',
+         'screw', 'tile', 'toothbrush', 'transistor', 'wood', 'zipper')
+VISA = ('candle', 'capsules', 'cashew', 'chewinggum', 'fryum', 'macaroni1', 'macaroni2', 'pcb1',
+        'pcb2', 'pcb3', 'pcb4', 'pipe_fryum')
+BTAD = ('01', '02', '03')
+SYNTHETIC = ('weave', 'grain', 'washer', 'capsule')
+WHERE = {
+    'mvtec': 'download MVTec AD from https://www.mvtec.com/company/research/datasets/mvtec-ad and '
+             'extract it so that <root>/bottle/train/good/000.png exists',
+    'visa': 'download VisA (VisA_20220922.tar, https://github.com/amazon-science/spot-diff) and extract '
+            'it so that <root>/split_csv/1cls.csv exists, or give the prepared 1cls folder '
+            '(<root>/candle/train/good, test/bad, ground_truth/bad)',
+    'btad': 'download BTAD (http://avires.dimi.uniud.it/papers/btad/btad.zip) and extract it so that '
+            '<root>/01/train/ok exists',
+    'folder': 'give an MVTec-like root: <root>/<category>/train/good, test/<type>, and optionally '
+              'ground_truth/<type>/<name>_mask.png',
+}
+IMAGE_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+
+
+def categories(data, root=''):
+    if data == 'synthetic':
+        return SYNTHETIC
+    if data == 'folder':
+        _check_root(data, root)
+        return tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, 'train'))))
+    return {'mvtec': MVTEC, 'visa': VISA, 'btad': BTAD}[data]
+
+
+def _check_root(data, root):
+    if data not in WHERE:
+        raise UserError(f"unknown data {data!r}; choose synthetic, {', '.join(WHERE)}")
+    if not os.path.isdir(root):
+        raise UserError(f'{data} dataset not found at {root}: {WHERE[data]}, or pass --data_root')
+
+
+def _images(folder):
+    files = sorted(f for f in glob.glob(os.path.join(folder, '*')) if f.lower().endswith(IMAGE_EXT))
+    if not files:
+        raise UserError(f'no images in {folder}')
+    return files
+
+
+def _list_mvtec(root, cat, split, good, masks_required):
+    """(image, label, mask-or-None) records of an MVTec-like category; masks are <stem>_mask.* or
+    <stem>.* in ground_truth/<type>/, and may be absent entirely (then only image metrics)."""
+    if split == 'train':
+        return [(f, 0, None) for f in _images(os.path.join(root, cat, 'train', good))]
+    test = os.path.join(root, cat, 'test')
+    if not os.path.isdir(test):
+        raise UserError(f'no test folder {test}')
+    has_gt = os.path.isdir(os.path.join(root, cat, 'ground_truth'))
+    if masks_required and not has_gt:
+        raise UserError(f"no ground_truth folder in {os.path.join(root, cat)}")
+    records = []
+    for kind in sorted(os.listdir(test)):
+        for f in _images(os.path.join(test, kind)) if os.path.isdir(os.path.join(test, kind)) else []:
+            if kind == good:
+                records.append((f, 0, None))
+                continue
+            stem = os.path.splitext(os.path.basename(f))[0]
+            found = [m for m in glob.glob(os.path.join(root, cat, 'ground_truth', kind, stem + '*'))
+                     if os.path.splitext(os.path.basename(m))[0] in (stem, stem + '_mask')]
+            if has_gt and not found:
+                raise UserError(f'image/mask mismatch: {f} has no mask {stem}_mask.png or {stem}.png in '
+                                f"{os.path.join(root, cat, 'ground_truth', kind)}")
+            records.append((f, 1, found[0] if found else None))
+    return records
+
+
+def _list_visa_raw(root, cat, split):
+    with open(os.path.join(root, 'split_csv', '1cls.csv'), newline='') as f:
+        rows = [r for r in csv.DictReader(f) if r['object'] == cat and r['split'] == split]
+    if not rows:
+        raise UserError(f'no {split} rows for {cat} in {root}/split_csv/1cls.csv')
+    return [(os.path.join(root, r['image']), int(r['label'] != 'normal'),
+             os.path.join(root, r['mask']) if r['mask'] else None) for r in rows]
+
+
+def _list(data, root, cat, split):
+    if data == 'visa' and os.path.isfile(os.path.join(root, 'split_csv', '1cls.csv')):
+        return _list_visa_raw(root, cat, split)
+    good = 'ok' if data == 'btad' else 'good'
+    return _list_mvtec(root, cat, split, good, masks_required=data != 'folder')
+
+
+def _read(path, size, mask=False):
+    try:
+        with Image.open(path) as im:
+            im = im.convert('L' if mask else 'RGB')
+            im = im.resize((size, size), Image.NEAREST if mask else Image.BILINEAR)
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read {path}: {e}')
+    a = np.asarray(im)
+    return (a > 0).astype(np.uint8)[None] if mask else a.transpose(2, 0, 1)
+
+
+class ADDataset(torch.utils.data.Dataset):
+    """Decoded, resized images kept in memory as uint8: images (N,3,H,W), masks (N,1,S,S) at the
+    protocol size S (eval_size), labels, cls (index into .categories), paths relative to root."""
+
+    def __init__(self, images, masks, labels, cls, paths, categories, has_masks):
+        self.images, self.masks = torch.as_tensor(images), torch.as_tensor(masks)
+        self.labels, self.cls = torch.as_tensor(labels), torch.as_tensor(cls)
+        self.paths, self.categories, self.has_masks = list(paths), list(categories), dict(has_masks)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return dict(image=self.images[i].float() / 255, mask=self.masks[i].float(),
+                    label=int(self.labels[i]), cls=int(self.cls[i]), path=self.paths[i])
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ADDataset(self.images[idx], self.masks[idx], self.labels[idx], self.cls[idx],
+                         [self.paths[i] for i in idx.tolist()], self.categories, self.has_masks)
+
+
+def load_dataset(cfg, split):
+    """split: 'train' (train/good minus the validation share), 'val' or 'test'. cfg needs data,
+    data_root, category ('all' = every category), image_size, eval_size, seed, val_frac."""
+    data, root, cat = cfg['data'], cfg['data_root'], cfg['category']
+    if data != 'synthetic':
+        _check_root(data, root)
+    valid = categories(data, root)
+    if cat not in valid and cat != 'all':
+        close = difflib.get_close_matches(cat, valid, n=1)
+        raise UserError(f"unknown category {cat!r} for {data}" + (f' (did you mean {close[0]!r}?)'
+                        if close else '') + f"; valid: all, each, {', '.join(valid)}")
+    cats = valid if cat == 'all' else (cat,)
+    parts = [_load_category(cfg, c, cats.index(c), split) for c in cats]
+    cat_fields = [np.concatenate([p[k] for p in parts]) for k in range(5)]
+    return ADDataset(*cat_fields[:4], [q for p in parts for q in p[4]], cats,
+                     {c: p[5] for c, p in zip(cats, parts)})
+
+
+def _load_category(cfg, cat, ci, split):
+    size, msize = cfg['image_size'], cfg['eval_size']
+    if cfg['data'] == 'synthetic':
+        images, masks, labels, paths = synthetic(cat, 'test' if split == 'test' else 'train')
+        images = _resize_uint8(images, size, Image.BILINEAR)
+        masks, has_masks = _resize_uint8(masks, msize, Image.NEAREST), True
+        records = [None] * len(paths)
+    else:
+        records = _list(cfg['data'], cfg['data_root'], cat, 'test' if split == 'test' else 'train')
+        paths = [os.path.relpath(r[0], cfg['data_root']) for r in records]
+        labels = np.array([r[1] for r in records])
+        has_masks = any(r[2] for r in records)
+    if split != 'test':   # the validation split: a seeded share of train/good, per category
+        order = np.random.default_rng(key_seed(cfg['seed'], 'val', cat)).permutation(len(paths))
+        n_val = int(round(cfg['val_frac'] * len(paths)))
+        keep = np.sort(order[:n_val] if split == 'val' else order[n_val:])
+        records, paths, labels = [records[i] for i in keep], [paths[i] for i in keep], labels[keep]
+        if cfg['data'] == 'synthetic':
+            images, masks = images[keep], masks[keep]
+    if cfg['data'] != 'synthetic':   # decode in threads (PIL releases the GIL while decoding)
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            images = np.stack(list(pool.map(lambda r: _read(r[0], size), records)))
+            masks = np.stack(list(pool.map(lambda r: _read(r[2], msize, True) if r[2] else
+                                           np.zeros((1, msize, msize), np.uint8), records)))
+    return images, masks, labels, np.full(len(paths), ci), paths, has_masks
+
+
+def _resize_uint8(a, size, resample):
+    if a.shape[-1] == size:
+        return a
+    return np.stack([np.asarray(Image.fromarray(x.transpose(1, 2, 0).squeeze(-1) if x.shape[0] == 1 else
+                     x.transpose(1, 2, 0)).resize((size, size), resample)).reshape(size, size, -1)
+                     .transpose(2, 0, 1) for x in a])
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """Sample (step, j, index) of a training stream; its augmentation rng is seeded by (seed, step,
+    j), so the stream is a pure function of the seed (exact resume, any number of workers)."""
+
+    def __init__(self, dataset, transform, seed):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __getitem__(self, key):
+        step, j, i = key
+        sample = self.dataset[i]
+        if self.transform is not None:
+            sample = self.transform(sample, np.random.default_rng(key_seed(self.seed, 'aug', step, j)))
+        return sample
+
+
+def _batch_keys(n, batch_size, seed, start_step, rank, world):
+    """Global batch of step s = positions [s*B, (s+1)*B) of the concatenated per-epoch permutations
+    (epoch e shuffled by (seed, e)); rank r takes its contiguous share of that batch."""
+    per_rank = batch_size // world
+    step = start_step
+    while True:
+        first = step * batch_size + rank * per_rank
+        keys = []
+        for pos in range(first, first + per_rank):
+            epoch, k = divmod(pos, n)
+            perm = np.random.default_rng(key_seed(seed, 'epoch', epoch)).permutation(n)
+            keys.append((step, pos - step * batch_size, int(perm[k])))
+        yield keys
+        step += 1
+
+
+def train_batches(dataset, cfg, start_step=0, transform=None):
+    """Endless iterator of training batches from start_step on, identical whether or not training
+    was interrupted. transform(sample, rng) may add a synthetic anomaly (perlin_anomaly)."""
+    rank, world = rank_world()
+    if cfg['batch_size'] % world:
+        raise UserError(f"--batch_size {cfg['batch_size']} must be divisible by the {world} ranks")
+    sampler = _batch_keys(len(dataset), cfg['batch_size'], cfg['seed'], start_step, rank, world)
+    loader = torch.utils.data.DataLoader(
+        _Keyed(dataset, transform, cfg['seed']), batch_sampler=sampler, num_workers=cfg['num_workers'],
+        pin_memory='cuda' in cfg['device'], persistent_workers=cfg['num_workers'] > 0)
+    return iter(loader)
+
+# -----------------------------------------------------------------------------
+# the built-in synthetic benchmark (frozen: changing anything here changes SYNTHETIC_VERSION and
+# the hash pinned in tests). Two textures (weave, grain) and two objects (washer, capsule) with
+# normal variation a per-pixel model cannot absorb: random texture phase, free washer rotation,
+# capsules either way round, +-7 px shifts, uneven lighting, colour cast, sensor noise. Test defects
+# (scratch, hole, dent, stain, colour, missing, extra, foreign) are shapes the Perlin training
+# synthesis never makes; each is redrawn until it covers >= 30 px with a mean contrast >= 0.08.
+
+SYNTHETIC_VERSION = 1
+SYN_SIZE, SYN_TRAIN, SYN_NORMAL, SYN_ANOMALOUS = 128, 160, 40, 60
+DEFECTS = ('scratch', 'hole', 'dent', 'stain', 'colour', 'missing', 'extra', 'foreign')
+_Y, _X = np.mgrid[0:SYN_SIZE, 0:SYN_SIZE].astype(np.float64)
+
+
+def _noise(rng, cells, size=SYN_SIZE):
+    """Smooth value noise in [0,1]: a random (cells+1)^2 grid, smoothstep-interpolated."""
+    g = rng.random((cells + 1, cells + 1))
+    t = np.arange(size) * cells / size
+    i = t.astype(int)
+    f = t - i
+    f = f * f * (3 - 2 * f)
+    rows = g[i] * (1 - f)[:, None] + g[i + 1] * f[:, None]
+    return rows[:, i] * (1 - f) + rows[:, i + 1] * f
+
+
+def _disc(cx, cy, rx, ry=None, angle=0.0, wobble=None):
+    """Anti-aliased coverage (H,W) of an ellipse, optionally with a wobbly radius."""
+    ry = rx if ry is None else ry
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (_X - cx) * c + (_Y - cy) * s, -(_X - cx) * s + (_Y - cy) * c
+    r = np.hypot(u / rx, v / ry)
+    if wobble is not None:
+        r = r / (1 + wobble(np.arctan2(v, u)))
+    return np.clip((1 - r) * min(rx, ry) + 0.5, 0, 1)
+
+
+def _curve(rng, cx, cy, length, width):
+    """Coverage of a thick quadratic Bezier curve of the given length around (cx, cy)."""
+    a = rng.uniform(0, np.pi)
+    d = np.array([np.cos(a), np.sin(a)]) * length / 2
+    bend = rng.normal(0, length / 4, 2)
+    p0, p2, p1 = np.array([cx, cy]) - d, np.array([cx, cy]) + d, np.array([cx, cy]) + bend
+    t = np.linspace(0, 1, 48)[:, None]
+    pts = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2
+    dist = np.min(np.hypot(_X[None] - pts[:, 0, None, None], _Y[None] - pts[:, 1, None, None]), 0)
+    return np.clip(width / 2 + 0.5 - dist, 0, 1)
+
+
+def _render(cat, rng):
+    """A clean normal sample: (rgb float image, object coverage or None, background or None)."""
+    if cat == 'weave':
+        a = rng.normal(0, 0.03)
+        u = _X * np.cos(a) + _Y * np.sin(a) + rng.uniform(0, 8)
+        v = -_X * np.sin(a) + _Y * np.cos(a) + rng.uniform(0, 8)
+        warp, weft = np.sin(np.pi * u / 4) ** 2, np.sin(np.pi * v / 4) ** 2
+        over = np.sin(np.pi * u / 8) * np.sin(np.pi * v / 8) > 0        # plain weave: over/under
+        p = np.where(over, warp, weft) * 0.8 + 0.2 * _noise(rng, 32)
+        base = np.array([0.58, 0.47, 0.34]) + rng.normal(0, 0.015, 3)
+        return base * (0.72 + 0.42 * p[..., None]), None, None
+    if cat == 'grain':
+        n = 0.5 * _noise(rng, 4) + 0.3 * _noise(rng, 10) + 0.2 * _noise(rng, 32)
+        speck = (_noise(rng, 64) > 0.85) * 0.12 - (_noise(rng, 64) > 0.87) * 0.12
+        c0, c1 = np.array([0.62, 0.6, 0.58]), np.array([0.36, 0.33, 0.32])
+        img = c0 + (c1 - c0) * np.clip(1.6 * n - 0.3, 0, 1)[..., None] + speck[..., None]
+        return img, None, None
+    cx, cy = SYN_SIZE / 2 + rng.uniform(-7, 7, 2)
+    if cat == 'washer':
+        bg = np.array([0.16, 0.16, 0.18]) + 0.03 * _noise(rng, 8)[..., None]
+        rho, ang = np.hypot(_X - cx, _Y - cy), np.arctan2(_Y - cy, _X - cx)
+        key = rng.uniform(-np.pi, np.pi)                                  # free rotation
+        notch = (np.abs(np.angle(np.exp(1j * (ang - key)))) < 0.22) & (rho < 27)
+        cover = np.clip(42 - rho + 0.5, 0, 1) * np.clip(rho - 19 + 0.5, 0, 1) * (1 - notch)
+        shade = 0.62 + 0.2 * np.cos(ang - 0.8) + 0.04 * np.sin(rho * 2.1)
+        obj = np.array([0.72, 0.72, 0.75]) * shade[..., None]
+        return bg + (obj - bg) * cover[..., None], cover, bg
+    if cat == 'capsule':
+        bg = np.array([0.84, 0.84, 0.8]) + 0.02 * _noise(rng, 8)[..., None]
+        a = rng.normal(0, 0.07) + np.pi * (rng.random() < 0.5)          # either way round
+        u = (_X - cx) * np.cos(a) + (_Y - cy) * np.sin(a)
+        v = -(_X - cx) * np.sin(a) + (_Y - cy) * np.cos(a)
+        d = np.hypot(np.clip(np.abs(u) - 26, 0, None), v)                 # stadium: 2*26 + 2*17
+        cover = np.clip(17 - d + 0.5, 0, 1)
+        shade = 0.7 + 0.3 * np.sqrt(np.clip(1 - (v / 17) ** 2, 0, 1))
+        left = np.array([0.78, 0.22, 0.2]) + rng.normal(0, 0.02, 3)
+        right = np.array([0.93, 0.88, 0.68]) + rng.normal(0, 0.02, 3)
+        obj = np.where((u < 0)[..., None], left, right) * shade[..., None]
+        ink = sum(np.clip(1.6 - np.hypot(np.clip(np.abs(u - x0) - 3, 0, None), v), 0, 1)
+                  for x0 in (12, 22, 32))                                 # three printed dashes
+        obj = obj * (1 - 0.55 * np.clip(ink, 0, 1))[..., None]
+        return bg + (obj - bg) * cover[..., None], cover, bg
+    raise KeyError(cat)
+
+
+def _light(img, rng):
+    """Normal variation of the acquisition: gain, illumination gradient, colour cast, sensor noise."""
+    g = rng.uniform(0.85, 1.15)
+    a = rng.uniform(0, 2 * np.pi)
+    grad = rng.uniform(0, 0.16) * ((_X - 64) * np.cos(a) + (_Y - 64) * np.sin(a)) / 64
+    img = img * g * (1 + grad[..., None]) + rng.normal(0, 0.012, 3)
+    return img + rng.normal(0, 0.012, img.shape)
+
+
+def _defect(kind, img, cover, bg, rng):
+    """Apply one defect to a clean image; returns (image, coverage alpha of the defect)."""
+    if cover is None:
+        cx, cy = rng.uniform(16, SYN_SIZE - 16, 2)
+    else:                                                                 # on the object
+        ys, xs = np.nonzero(cover > 0.99)
+        k = rng.integers(len(xs))
+        cx, cy = xs[k], ys[k]
+    sign = rng.choice([-1.0, 1.0])
+    mean = img.reshape(-1, 3).mean(0)
+    if kind == 'scratch':
+        alpha = _curve(rng, cx, cy, rng.uniform(20, 48), rng.uniform(1.8, 3.2))
+        target = img + sign * rng.uniform(0.12, 0.45)
+    elif kind == 'hole':
+        alpha = _disc(cx, cy, rng.uniform(3.5, 8), rng.uniform(3.5, 8), rng.uniform(0, np.pi))
+        target = np.full_like(img, rng.uniform(0.03, 0.2))
+    elif kind == 'dent':
+        r = rng.uniform(7, 13)
+        alpha = _disc(cx, cy, r)
+        a = rng.uniform(0, 2 * np.pi)
+        ramp = ((_X - cx) * np.cos(a) + (_Y - cy) * np.sin(a)) / r
+        target = img * (1 + rng.uniform(0.2, 0.5) * np.clip(ramp, -1, 1))[..., None]
+    elif kind == 'stain':
+        ph = rng.uniform(0, 2 * np.pi, 3)
+        wob = lambda t: 0.25 * np.sin(3 * t + ph[0]) + 0.15 * np.sin(5 * t + ph[1])
+        alpha = _disc(cx, cy, rng.uniform(7, 15), rng.uniform(7, 15), ph[2], wob)
+        tint = rng.normal(0, 1, 3)
+        target = img * (1 + rng.uniform(0.15, 0.45) * tint / np.linalg.norm(tint))
+    elif kind == 'colour':
+        alpha = _disc(cx, cy, rng.uniform(10, 20), rng.uniform(10, 20), rng.uniform(0, np.pi))
+        grey = img.mean(-1, keepdims=True)
+        target = grey + (img - grey) * rng.uniform(-0.5, 0.4) + sign * rng.uniform(0.05, 0.14)
+    elif kind == 'missing':
+        if cover is None:                                                 # worn: pattern gone
+            alpha = _disc(cx, cy, rng.uniform(8, 16), rng.uniform(8, 16), rng.uniform(0, np.pi))
+            target = np.broadcast_to(mean * rng.uniform(0.85, 1.15), img.shape)
+        else:                                                             # a bite out of the rim
+            ys, xs = np.nonzero((cover > 0.3) & (cover < 0.7))
+            k = rng.integers(len(xs))
+            alpha = _disc(xs[k], ys[k], rng.uniform(6, 12)) * cover
+            target = bg
+    elif kind == 'extra':
+        if cover is None:                                                 # a stray thick fibre
+            alpha = _curve(rng, cx, cy, rng.uniform(18, 36), rng.uniform(3, 5))
+            target = np.broadcast_to(mean * rng.uniform(0.5, 1.5), img.shape)
+        else:                                                             # excess material
+            ys, xs = np.nonzero((cover > 0.3) & (cover < 0.7))
+            k = rng.integers(len(xs))
+            alpha = _disc(xs[k], ys[k], rng.uniform(6, 11)) * (1 - cover)
+            target = np.broadcast_to(img[ys[k], xs[k]], img.shape)
+    else:                                                                 # foreign texture patch
+        alpha = _disc(cx, cy, rng.uniform(7, 15), rng.uniform(7, 15), rng.uniform(0, np.pi))
+        a, period = rng.uniform(0, np.pi), rng.uniform(3, 6)
+        stripes = np.sin(2 * np.pi * (_X * np.cos(a) + _Y * np.sin(a)) / period)
+        target = img * (1 + rng.uniform(0.25, 0.5) * stripes[..., None])
+    alpha = alpha * (cover if cover is not None and kind not in ('missing', 'extra') else 1)
+    return img + (target - img) * alpha[..., None], alpha
+
+
+@functools.lru_cache(maxsize=8)
+def synthetic(cat, split):
+    """The frozen benchmark: (images (N,3,128,128) uint8, masks (N,1,128,128), labels, paths).
+    Every image is a pure function of (version, category, split, index)."""
+    n = SYN_TRAIN if split == 'train' else SYN_NORMAL + SYN_ANOMALOUS
+    images, masks, labels, paths = [], [], [], []
+    for i in range(n):
+        rng = np.random.default_rng(key_seed(SYNTHETIC_VERSION, cat, split, i))
+        img, cover, bg = _render(cat, rng)
+        kind = 'good' if split == 'train' or i < SYN_NORMAL else DEFECTS[i % len(DEFECTS)]
+        mask = np.zeros((SYN_SIZE, SYN_SIZE), bool)
+        if kind != 'good':
+            for _ in range(100):      # redraw until the defect is visible: area and contrast
+                bad, alpha = _defect(kind, img, cover, bg, rng)
+                mask = alpha > 0.5
+                contrast = np.abs(bad - img).max(-1)[mask].mean() if mask.sum() else 0
+                if mask.sum() >= 30 and contrast >= 0.08:
+                    break
+            img = bad
+        img = _light(img, rng)
+        images.append(np.clip(np.round(img * 255), 0, 255).astype(np.uint8).transpose(2, 0, 1))
+        masks.append(mask[None].astype(np.uint8))
+        labels.append(int(kind != 'good'))
+        paths.append(f"{cat}/{split}/{kind}/{i:03d}.png")
+    return np.stack(images), np.stack(masks), np.array(labels), paths
+
+# -----------------------------------------------------------------------------
+# Perlin anomaly synthesis for training (DRAEM recipe, as DiffusionAD and LASB use it)
+
+
+def perlin_noise(rng, h, w, res):
+    """2-D Perlin noise (DRAEM's rand_perlin_2d): random unit gradients on a (res+1)^2 lattice,
+    quintic fade 6t^5 - 15t^4 + 10t^3, scaled by sqrt(2); any h, w."""
+    ang = rng.uniform(0, 2 * np.pi, (res[0] + 1, res[1] + 1))
+    y, x = np.arange(h) * res[0] / h, np.arange(w) * res[1] / w
+    yi, xi, yf, xf = y.astype(int), x.astype(int), (y % 1)[:, None], (x % 1)[None]
+
+    def corner(dy, dx):   # gradient at lattice corner (dy, dx) dotted with the offset to it
+        a = ang[yi[:, None] + dy, xi[None] + dx]
+        return np.cos(a) * (yf - dy) + np.sin(a) * (xf - dx)
+    u, v = (t * t * t * (t * (t * 6 - 15) + 10) for t in (xf, yf))
+    top, bottom = corner(0, 0) + u * (corner(0, 1) - corner(0, 0)), corner(1, 0) + u * (corner(1, 1) - corner(1, 0))
+    return np.sqrt(2) * (top + v * (bottom - top))
+
+
+def _hue_sat(im, rng):
+    hsv = np.asarray(im.convert('HSV')).astype(int)
+    hsv[..., 0] = (hsv[..., 0] + rng.integers(-50, 51)) % 256
+    hsv[..., 1] = np.clip(hsv[..., 1] + rng.integers(-50, 51), 0, 255)
+    return Image.fromarray(hsv.astype(np.uint8), 'HSV').convert('RGB')
+
+
+_AUGMENTERS = (   # DRAEM's ten colour/geometry augmenters; three are applied in random order
+    lambda im, r: Image.fromarray(np.uint8(255 * (np.asarray(im) / 255) ** r.uniform(0.5, 2, 3))),
+    lambda im, r: Image.fromarray(np.uint8(np.clip(np.asarray(im) * r.uniform(0.8, 1.2)
+                                                   + r.uniform(-30, 30), 0, 255))),
+    lambda im, r: ImageEnhance.Sharpness(im).enhance(r.uniform(0, 2)),
+    _hue_sat,
+    lambda im, r: ImageOps.solarize(im, int(r.integers(32, 129))),
+    lambda im, r: ImageOps.posterize(im, int(r.integers(4, 9))),
+    lambda im, r: ImageOps.invert(im),
+    lambda im, r: ImageOps.autocontrast(im),
+    lambda im, r: ImageOps.equalize(im),
+    lambda im, r: im.rotate(r.uniform(-45, 45)),
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _dtd_files(root):
+    files = sorted(glob.glob(os.path.join(root, 'images', '*', '*.jpg')))
+    if not files:
+        raise UserError(f'no DTD images at {root}/images/*/*.jpg: download DTD from '
+                        'https://www.robots.ox.ac.uk/~vgg/data/dtd/ or leave --dtd_root empty')
+    return files
+
+
+def _appearance(image, rng, dtd_root):
+    """The anomaly source A (H,W,3 uint8): a DTD image, else a procedural Perlin colour texture or a
+    strip-shuffled copy of the image itself; then three random augmenters."""
+    h, w = image.shape[:2]
+    if dtd_root:
+        a = _read(_dtd_files(dtd_root)[rng.integers(len(_dtd_files(dtd_root)))], h).transpose(1, 2, 0)
+    elif rng.random() < 0.5:
+        t = np.clip(perlin_noise(rng, h, w, 2 ** rng.integers(1, 6, 2)) + 0.5, 0, 1)[..., None]
+        c0, c1 = rng.random(3), rng.random(3)
+        a = np.uint8(255 * (c0 + (c1 - c0) * t))
+    else:
+        a = image
+    im = Image.fromarray(a)
+    for k in rng.permutation(len(_AUGMENTERS))[:3]:
+        im = _AUGMENTERS[k](im, rng)
+    a = np.asarray(im)
+    if not dtd_root and a is not image:   # self copies: shuffle 8 vertical, then 8 horizontal strips
+        for axis in (1, 0):
+            parts = np.array_split(a, 8, axis)
+            a = np.concatenate([parts[i] for i in rng.permutation(8)], axis)
+    return a
+
+
+def perlin_anomaly(sample, rng, p=0.5, beta=(0.2, 0.8), dtd_root='', fg=None):
+    """With probability p, paste a Perlin-shaped anomaly into sample['image'] ((3,H,W) in [0,1],
+    before any normalisation): scales 2^0..2^5 per axis, rotation +-90 deg, threshold 0.5, times
+    the optional foreground mask fg (H,W); S = (1-M) N + M (b N + (1-b) A), b ~ U(beta)
+    (DiffusionAD Eq. 12). Returns the sample with image, mask (1,H,W) and label replaced."""
+    x = sample['image']
+    h, w = x.shape[1:]
+    mask = np.zeros((h, w), np.float32)
+    if rng.random() < p:
+        for _ in range(50):   # redraw empty masks, as DRAEM and DiffusionAD do
+            noise = perlin_noise(rng, h, w, 2 ** rng.integers(0, 6, 2))
+            m = ndimage.rotate(noise, rng.uniform(-90, 90), reshape=False, order=1) > 0.5
+            m = m * (1 if fg is None else np.asarray(fg))
+            if m.any():
+                mask = m.astype(np.float32)
+                break
+    if mask.any():
+        n = np.uint8(np.round(x.numpy().transpose(1, 2, 0) * 255))
+        a = torch.from_numpy(_appearance(n, rng, dtd_root).transpose(2, 0, 1).copy()).float() / 255
+        b, m = rng.uniform(*beta), torch.from_numpy(mask)[None]
+        x = (1 - m) * x + m * (b * x + (1 - b) * a)
+    return dict(sample, image=x, mask=torch.from_numpy(mask)[None], label=int(mask.any()))
+
+# -----------------------------------------------------------------------------
+# metrics: one sort of the scores gives AUROC, AP (step-wise, as scikit-learn), F1-max and AUPRO
+
+
+def _curves(y, s):
+    """Sort once (descending); cumulative true/false positives at every distinct threshold."""
+    s, order = torch.from_numpy(s).sort(descending=True)   # faster than np.argsort on 2 cores
+    s, order = s.numpy(), order.numpy()
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]   # last index of each threshold
+    tps = np.cumsum(y[order], dtype=np.int64)[last]
+    return order, last, tps, last + 1 - tps
+
+
+def _auroc_ap_f1(tps, fps):
+    """Exact integer sums: AUROC = trapezoids under (fpr, tpr); AP = sum (R_k - R_k-1) P_k as
+    scikit-learn; F1 = 2 TP / (TP + FP + P) = 2PR / (P + R), maximised over thresholds."""
+    pos, neg = tps[-1], fps[-1]
+    auroc = np.dot(np.diff(fps, prepend=0), tps + np.r_[0, tps[:-1]]) / (2 * pos * neg)
+    ap = np.dot(np.diff(tps, prepend=0), tps / (tps + fps)) / pos
+    f1 = np.max(2 * tps / (tps + fps + pos))
+    return float(auroc), float(ap), float(f1)
+
+
+def _degenerate(y, s, what):
+    if not np.isfinite(s).all():
+        warnings.warn(f'{what}: non-finite scores; metrics are NaN')
+        return True
+    if y.all() or not y.any():
+        warnings.warn(f"{what}: the test set has {'no normal' if y.all() else 'no anomalous'} "
+                      'samples; metrics are undefined (NaN)')
+        return True
+    if s.min() == s.max():
+        warnings.warn(f'{what}: every score is the same ({s.min()}); the model is not ranking')
+    return False
+
+
+def image_metrics(labels, scores):
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, np.float64)
+    if _degenerate(y, s, 'image metrics'):
+        return dict(image_auroc=np.nan, image_ap=np.nan, image_f1max=np.nan)
+    _, _, tps, fps = _curves(y, s)
+    return dict(zip(('image_auroc', 'image_ap', 'image_f1max'), _auroc_ap_f1(tps, fps)))
+
+
+def trapezoid(x, y, x_max=None):
+    """Area under y(x) up to x_max, adding the linearly interpolated piece up to x_max when x_max
+    falls between two points (the official MVTec AD evaluation's generic_util.trapezoid)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    correction = 0.0
+    if x_max is not None:
+        if x_max not in x:
+            i = np.searchsorted(x, x_max)   # bisect: x[i-1] < x_max < x[i]
+            y_max = y[i - 1] + (y[i] - y[i - 1]) * (x_max - x[i - 1]) / (x[i] - x[i - 1])
+            correction = 0.5 * (y_max + y[i - 1]) * (x_max - x[i - 1])
+        keep = x <= x_max
+        x, y = x[keep], y[keep]
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
+
+
+def _pro_increments(masks):
+    """Per pixel 1/|region| inside each 8-connected ground-truth region, 0 outside; region count."""
+    inc, regions = np.zeros(masks.shape, np.float64), 0
+    for i, m in enumerate(masks):
+        lab, n = ndimage.label(m, np.ones((3, 3)))
+        if n:
+            inc[i] = np.where(lab > 0, 1.0 / np.bincount(lab.ravel())[lab], 0.0)
+            regions += n
+    return inc.ravel(), regions
+
+
+def _aupro(order, last, fps, masks, limit):
+    inc, regions = _pro_increments(masks)
+    pros = np.minimum(np.cumsum(inc[order])[last] / regions, 1.0)
+    fprs = np.minimum(fps / fps[-1], 1.0)
+    return trapezoid(np.r_[0, fprs, 1], np.r_[0, pros, 1], x_max=limit) / limit
+
+
+def pixel_metrics(masks, maps, limit=0.3):
+    """Pixel AUROC, AP, F1-max and AUPRO over all pixels of all maps (normal images included).
+    AUPRO is the official MVTec AD one: every score is a threshold, FPR over all normal pixels,
+    PRO = mean overlap over 8-connected regions, integrated to FPR=limit and divided by limit."""
+    y, s = np.asarray(masks).astype(bool), np.asarray(maps, np.float32).ravel()
+    if _degenerate(y.ravel(), s, 'pixel metrics'):
+        return dict(pixel_auroc=np.nan, pixel_ap=np.nan, pixel_f1max=np.nan, aupro=np.nan)
+    order, last, tps, fps = _curves(y.ravel(), s)
+    auroc, ap, f1 = _auroc_ap_f1(tps, fps)
+    return dict(pixel_auroc=auroc, pixel_ap=ap, pixel_f1max=f1,
+                aupro=_aupro(order, last, fps, y, limit))
+
+
+def aupro(masks, maps, limit=0.3):
+    y, s = np.asarray(masks).astype(bool), np.asarray(maps, np.float32).ravel()
+    if _degenerate(y.ravel(), s, 'aupro'):
+        return np.nan
+    order, last, _, fps = _curves(y.ravel(), s)
+    return _aupro(order, last, fps, y, limit)
+
+
+METRICS = ('image_auroc', 'image_ap', 'image_f1max', 'pixel_auroc', 'pixel_ap', 'pixel_f1max', 'aupro')
+
+
+def compute_metrics(labels, scores, masks=None, maps=None):
+    """The seven metrics and mAD (their mean; NaN if any is undefined), as fractions."""
+    out = image_metrics(labels, scores)
+    out.update(pixel_metrics(masks, maps) if masks is not None else
+               dict(pixel_auroc=np.nan, pixel_ap=np.nan, pixel_f1max=np.nan, aupro=np.nan))
+    out['mad'] = float(np.mean([out[k] for k in METRICS]))
+    return out
+
+
+def gaussian_blur(x, sigma):
+    """Separable Gaussian blur of (B,C,H,W), truncated at 4 sigma, reflect padding."""
+    if sigma <= 0:
+        return x
+    r = min(int(4 * sigma + 0.5), x.shape[-1] - 1, x.shape[-2] - 1)
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode='reflect'), k, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode='reflect'), k.transpose(2, 3), groups=x.shape[1])
+
+# -----------------------------------------------------------------------------
+# frozen backbones: pretrained weights from a local source only, or BatchNorm-recalibrated random
+
+
+def load_pretrained(net, name, weights):
+    """Load ImageNet weights into a timm backbone from weights='timm' (the local Hugging Face cache
+    of timm/<name>; nothing is downloaded) or a file (.safetensors, .pth, .bin). Returns the record
+    kept in checkpoints: dict(id, file, sha256)."""
+    path = weights
+    if weights == 'timm':
+        from huggingface_hub import try_to_load_from_cache
+        found = [try_to_load_from_cache(f'timm/{name}', f) for f in ('model.safetensors', 'pytorch_model.bin')]
+        path = next((p for p in found if isinstance(p, str)), None)
+        if path is None:
+            raise UserError(f"{name} weights are not in the timm cache; on a machine with internet run "
+                            f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and "
+                            'copy ~/.cache/huggingface, or pass --backbone_weights FILE')
+    if not os.path.isfile(path):
+        raise UserError(f'backbone weights {path} not found (use a file, timm, or leave it empty)')
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = state.get('state_dict', state.get('model', state))
+    own = net.state_dict()
+    bad = [k for k in own if not k.endswith('num_batches_tracked') and
+           (k not in state or state[k].shape != own[k].shape)]
+    if bad:
+        raise UserError(f'{path} does not fit {name}: {len(bad)} missing or mis-shaped keys, e.g. {bad[:3]}')
+    net.load_state_dict({k: state.get(k, v) for k, v in own.items()})
+    sha = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            sha.update(chunk)
+    return dict(id=name, file=os.path.basename(path), sha256=sha.hexdigest())
+
+
+@torch.no_grad()
+def recalibrate_bn(net, batches):
+    """Re-estimate the BatchNorm statistics of a random-initialised backbone on normal training
+    images (cumulative average). Without it, random EfficientNet-B4 features shrink layer by layer
+    (std ~1e-9 at stride 16). Only BatchNorm layers switch to train mode (no stochastic depth)."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    net.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum, m.training = None, True
+    for x in batches:
+        net(x)
+    for m in bns:
+        m.momentum, m.training = 0.1, False

@@ -1,0 +1,340 @@
+"""
+eval.py: the one evaluation protocol for all five methods (and the two baselines).
+
+$ python eval.py out/omiad_synthetic_all_tiny_s0/ckpt.pt            # evaluate a checkpoint
+$ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS may be overridden
+$ python eval.py --compare out/                                     # one table over all runs
+$ python eval.py --predict out/<run>/ckpt.pt image.png              # score + heatmap, one image
+$ python eval.py --bench omiad --preset paper --device cuda         # parameters, FLOPs, speed
+$ python eval.py --baselines --data synthetic                       # the mean and zscore baselines
+
+Protocol: maps are resized bilinearly to eval_size (full image, no crop); masks are resized nearest
+and binarised at 0.5; image labels come from the folders. Image metrics use the model's score;
+pixel metrics use all test pixels of a category, normal images included. AUPRO is the official
+MVTec AD one (limit 0.3). mAD = mean of the seven. Times are the forward pass (predict) only.
+"""
+import glob
+import importlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+from common import METRICS, UserError
+
+NAMES = ('I-AUROC', 'I-AP', 'I-F1', 'P-AUROC', 'P-AP', 'P-F1', 'AUPRO', 'mAD')
+
+# -----------------------------------------------------------------------------
+# baselines: per-category statistics of the normal training images, nothing learned
+
+
+class Baseline(torch.nn.Module):
+    """map = channel mean of |x - mean| ('mean') or |x - mean| / (std + 0.02) ('zscore') against the
+    normal training images of the sample's category, Gaussian blur sigma 2; score = max."""
+    INFER_KEYS = ()
+
+    def __init__(self, cfg, train):
+        super().__init__()
+        self.cfg, x = cfg, train.images.float() / 255
+        self.register_buffer('mean', torch.stack([x[train.cls == c].mean(0) for c in range(len(train.categories))]))
+        self.register_buffer('std', torch.stack([x[train.cls == c].std(0) for c in range(len(train.categories))]))
+
+    def predict(self, batch):
+        cls = batch['cls']
+        d = (batch['image'] - self.mean[cls]).abs()
+        if self.cfg['kind'] == 'zscore':
+            d = d / (self.std[cls] + 0.02)
+        m = common.gaussian_blur(d.mean(1, keepdim=True), 2.0)[:, 0]
+        return dict(map=m, score=m.flatten(1).amax(1), nfe={})
+
+
+_BASELINES = {}
+
+
+def baselines(cfg):
+    """Metrics of both baselines on cfg's data and categories at eval_size (cached per process)."""
+    key = tuple(cfg[k] for k in ('data', 'data_root', 'category', 'eval_size', 'seed', 'val_frac'))
+    if key not in _BASELINES:
+        c = dict(cfg, image_size=cfg['eval_size'], batch_size=32)
+        train, test = common.load_dataset(c, 'train'), common.load_dataset(c, 'test')
+        _BASELINES[key] = {kind: evaluate(Baseline(dict(c, kind=kind, method=f'baseline_{kind}',
+                                                        preset='-'), train), test, quiet=True)
+                           for kind in ('mean', 'zscore')}
+    return _BASELINES[key]
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def _device(model):
+    return next(iter(list(model.parameters()) + list(model.buffers()))).device
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _infer(model, dataset, batch_size, size, timer):
+    """Predict a category; maps resized to size x size. Only image, cls and path reach the model."""
+    device, outs = _device(model), dict(score=[], map=[], recon=[], scores={}, path=[])
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x = dict(image=batch['image'].to(device), cls=batch['cls'].to(device), path=batch['path'])
+        if timer['n'] == 0:
+            model.predict(x)                      # warm-up (cudnn autotune, lazy init): not timed
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.predict(x)
+        _sync(device)
+        timer['s'], timer['n'], timer['nfe'] = timer['s'] + time.perf_counter() - t0, timer['n'] + len(x['path']), out.get('nfe', {})
+        m = F.interpolate(out['map'][:, None].float(), size=(size, size), mode='bilinear', align_corners=False)
+        outs['map'].append(m[:, 0].cpu().numpy())
+        outs['score'].append(out['score'].double().cpu().numpy())
+        if 'recon' in out:
+            outs['recon'].append(F.interpolate(out['recon'].float(), size=(size, size), mode='bilinear').cpu().numpy())
+        for k, v in out.get('scores', {}).items():
+            outs['scores'].setdefault(k, []).append(v.double().cpu().numpy())
+        outs['path'] += x['path']
+    for k in ('score', 'map', 'recon'):
+        outs[k] = np.concatenate(outs[k]) if outs[k] else None
+    outs['scores'] = {k: np.concatenate(v) for k, v in outs['scores'].items()}
+    return outs
+
+
+def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'), quiet=False):
+    """Run the protocol over every category of dataset; print the table (with the baselines) and
+    write out_dir/results.json (+ heatmaps/<category>/*.png). Returns the results dict."""
+    cfg, timer = model.cfg, dict(s=0.0, n=0, nfe={})
+    model.eval()
+    metrics, extra = {}, {}
+    for ci, cat in enumerate(dataset.categories):
+        idx = (dataset.cls == ci).nonzero()[:, 0]
+        if len(idx) == 0:
+            continue
+        sub = dataset.subset(idx)
+        outs = _infer(model, sub, cfg['batch_size'], cfg['eval_size'], timer)
+        if hasattr(model, 'postprocess'):
+            outs = model.postprocess(outs)       # dataset-level scoring, e.g. min-max over the test set
+        labels, masks = sub.labels.numpy(), sub.masks[:, 0].numpy() if dataset.has_masks[cat] else None
+        metrics[cat] = common.compute_metrics(labels, outs['score'], masks, outs['map'])
+        extra[cat] = {k: common.image_metrics(labels, v)['image_auroc'] for k, v in outs['scores'].items()}
+        if heatmaps and out_dir:
+            write_heatmaps(os.path.join(out_dir, 'heatmaps', cat), sub, outs, heatmaps)
+    metrics['mean'] = {k: float(np.mean([m[k] for m in metrics.values()])) for k in METRICS + ('mad',)}
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}
+    results = dict(
+        method=cfg['method'], data=cfg['data'], category=cfg['category'], preset=cfg['preset'],
+        seed=cfg['seed'], config=cfg, protocol=dict(
+            eval_size=cfg['eval_size'], resize='bilinear maps, nearest masks, no crop',
+            mask_rule='mask > 0.5', score_rule=getattr(model, 'SCORE_RULE', 'the model score')),
+        versions=common.versions(), metrics=metrics, extra=extra, nfe=timer['nfe'],
+        ms_per_image=1000 * timer['s'] / max(timer['n'], 1), train_seconds=train_seconds,
+        params=dict(params, total=sum(p.numel() for p in model.parameters())))
+    if not quiet:
+        print_table(results, baselines(cfg))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def summarize_each(out_dir, results):
+    """The results.json of a category='each' run: one row per trained model, plus the mean."""
+    first = results[0]
+    expected = list(common.categories(first['data'], first['config']['data_root']))
+    metrics = {r['category']: r['metrics'][r['category']] for r in results}
+    metrics['mean'] = {k: float(np.mean([metrics[c][k] for c in metrics])) for k in METRICS + ('mad',)}
+    summary = dict(first, category='each', metrics=metrics, missing=[c for c in expected if c not in metrics],
+                   extra={r['category']: r['extra'][r['category']] for r in results},
+                   ms_per_image=float(np.mean([r['ms_per_image'] for r in results])),
+                   train_seconds=float(np.sum([r['train_seconds'] for r in results])))
+    print_table(summary, baselines(dict(first['config'], category='all')))
+    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+
+# -----------------------------------------------------------------------------
+# output: tables, heatmaps
+
+
+def _row(name, m):
+    return f"{name[:24]:<24}" + ''.join(f'{100 * m[k]:8.1f}' for k in METRICS + ('mad',))
+
+
+def print_table(results, base=None):
+    r = results
+    print(f"\n{r['method']} | {r['data']} | {r['category']} | preset {r['preset']} | seed {r['seed']}")
+    print(f"{'category':<24}" + ''.join(f'{n:>8}' for n in NAMES))
+    for cat, m in r['metrics'].items():
+        print(_row(cat, m))
+    for kind, b in (base or {}).items():
+        print(_row(f'baseline {kind} (mean)', b['metrics']['mean']))
+    if r.get('missing'):
+        print(f"incomplete: missing {', '.join(r['missing'])}")
+    trained = f" | trained {r['train_seconds'] / 60:.1f} min" if r['train_seconds'] == r['train_seconds'] else ''
+    print(f"NFE {r['nfe']} | {r['ms_per_image']:.1f} ms/image | {r['params']['total'] / 1e6:.2f} M params{trained}")
+
+
+def _jet(v):
+    """v in [0,1] (H,W) -> (H,W,3) uint8 jet colours."""
+    return np.uint8(255 * np.clip(np.stack([1.5 - np.abs(4 * v - 3), 1.5 - np.abs(4 * v - 2),
+                                            1.5 - np.abs(4 * v - 1)], -1), 0, 1))
+
+
+def _panel(image, mask, amap, lo, hi, recon=None):
+    """image | ground-truth outline | map overlay | reconstruction; all (H,W,3) uint8."""
+    img = np.uint8(255 * np.clip(image, 0, 1))
+    outline = img.copy()
+    if mask is not None:
+        edge = mask ^ np.roll(mask, 1, 0) | mask ^ np.roll(mask, 1, 1)
+        outline[edge] = (255, 0, 0)
+    overlay = np.uint8(0.5 * img + 0.5 * _jet(np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)))
+    tiles = [img, outline, overlay] + ([np.uint8(255 * np.clip(recon, 0, 1))] if recon is not None else [])
+    return np.concatenate(tiles, 1)
+
+
+def write_heatmaps(folder, dataset, outs, n):
+    """n panels spread over the category, one colour scale for the whole category (so normal
+    images do not look anomalous just because their own map is stretched)."""
+    os.makedirs(folder, exist_ok=True)
+    lo, hi, size = outs['map'].min(), outs['map'].max(), outs['map'].shape[-1]
+    for i in np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int)):
+        image = F.interpolate(dataset[i]['image'][None], size=(size, size), mode='bilinear')[0]
+        recon = outs['recon'][i].transpose(1, 2, 0) if outs['recon'] is not None else None
+        panel = _panel(image.numpy().transpose(1, 2, 0), dataset.masks[i, 0].numpy() > 0, outs['map'][i], lo, hi, recon)
+        name = '_'.join(dataset.paths[i].replace('\\', '/').split('/')[-2:])
+        Image.fromarray(panel).save(os.path.join(folder, os.path.splitext(name)[0] + '.png'))
+
+# -----------------------------------------------------------------------------
+# command line: checkpoint, --compare, --predict, --bench, --baselines
+
+
+def _load(path, overrides=None, device=None):
+    """A checkpoint of any method: the method file is named in the checkpoint itself."""
+    ckpt = common.read_checkpoint(path)
+    if ckpt['method'] not in common.METHODS:
+        raise UserError(f"{path} is a checkpoint of {ckpt['method']!r}, not of {', '.join(common.METHODS)}")
+    Model = importlib.import_module(ckpt['method']).Model
+    return common.load(path, Model, overrides, device or common.pick_device(), ckpt)
+
+
+def evaluate_checkpoint(path, argv):
+    cfg = common.read_checkpoint(path)['config']
+    overrides = common._parse_argv(argv, {**cfg, 'heatmaps': 0})   # load() refuses non-inference keys
+    heatmaps = overrides.pop('heatmaps', 0)
+    model, ckpt = _load(path, overrides, overrides.get('device'))
+    tag = '_'.join(f'{k}{v}' for k, v in overrides.items() if k in type(model).INFER_KEYS)
+    out_dir = os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')
+    test = common.load_dataset(model.cfg, 'test')
+    return evaluate(model, test, out_dir, heatmaps, ckpt.get('train_seconds', float('nan')))
+
+
+def compare(root):
+    """One table over every results.json under root: mean +- std over seeds per method, data,
+    category and preset. Per-category members of an 'each' run are folded into its summary."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
+        parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
+        if os.path.isfile(parent) and json.load(open(parent)).get('category') == 'each':
+            continue
+        r = json.load(open(path))
+        runs.setdefault((r['method'], r['data'], r['category'], r['preset']), []).append(r)
+    if not runs:
+        raise UserError(f'no results.json under {root}')
+    print(f"{'method / data / category / preset':<40}{'seeds':>6}" + ''.join(f'{n:>13}' for n in NAMES)
+          + f"{'ms/img':>9}{'params M':>10}{'train min':>10}  NFE")
+    for (method, data, cat, preset), rs in sorted(runs.items()):
+        m = np.array([[r['metrics']['mean'][k] for k in METRICS + ('mad',)] for r in rs]) * 100
+        cells = ''.join(f'{a:7.1f}+-{s:<4.1f}' for a, s in zip(m.mean(0), m.std(0)))
+        flag = ' INCOMPLETE' if any(r.get('missing') for r in rs) else ''
+        print(f'{f"{method} / {data} / {cat} / {preset}":<40}{len(rs):>6}{cells}'
+              f"{np.mean([r['ms_per_image'] for r in rs]):9.1f}{rs[0]['params']['total'] / 1e6:10.2f}"
+              f"{np.mean([r['train_seconds'] for r in rs]) / 60:10.1f}  {rs[0]['nfe']}{flag}")
+    return runs
+
+
+@torch.no_grad()
+def predict(ckpt, image_path, out=''):
+    """Score one image with a trained model; writes image | map overlay to out (.png)."""
+    model, _ = _load(ckpt)
+    x = torch.tensor(common._read(image_path, model.cfg['image_size'])).float()[None] / 255
+    o = model.predict(dict(image=x.to(_device(model)), cls=torch.zeros(1, dtype=torch.long, device=_device(model)),
+                           path=[os.path.basename(image_path)]))
+    amap = o['map'][0].float().cpu().numpy()
+    out = out or os.path.splitext(os.path.basename(image_path))[0] + '_heatmap.png'
+    Image.fromarray(_panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap,
+                           amap.min(), amap.max())).save(out)
+    score = float(o['score'][0])
+    print(f'{image_path}: score {score:.6g} ({model.cfg["method"]}; higher = more anomalous); '
+          f'heatmap (colours scaled to this image) -> {out}')
+    return score, amap
+
+
+def bench(method, argv):
+    """Cost of a method at any preset with random weights: parameters per network, FLOPs per
+    image (torch FlopCounterMode), NFE, and ms/image of predict at batch 1 and 32."""
+    from torch.utils.flop_counter import FlopCounterMode
+    module = importlib.import_module(method)
+    cfg = common.get_config(module.config, module.PRESETS, argv, module.__file__)
+    model = module.Model(cfg).to(cfg['device']).eval()
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}
+    print(f"{method} ({cfg['preset']}): " + ', '.join(f'{n} {p / 1e6:.1f} M' for n, p in params.items()))
+
+    def batch(b):
+        return dict(image=torch.rand(b, 3, cfg['image_size'], cfg['image_size'], device=cfg['device']),
+                    cls=torch.zeros(b, dtype=torch.long, device=cfg['device']), path=[f'bench/{i}' for i in range(b)])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        nfe = model.predict(batch(1)).get('nfe', {})
+    print(f'{counter.get_total_flops() / 1e9:.1f} GFLOPs/image | NFE {nfe}')
+    for b in (1, 32):
+        x = batch(b)
+        with torch.no_grad():
+            model.predict(x)
+            _sync(torch.device(cfg['device']))
+            t0 = time.perf_counter()
+            model.predict(x)
+            _sync(torch.device(cfg['device']))
+        print(f'batch {b}: {1000 * (time.perf_counter() - t0) / b:.1f} ms/image on {cfg["device"]}')
+    return dict(params=params, flops=counter.get_total_flops(), nfe=nfe)
+
+
+def run_baselines(argv):
+    defaults = {k: common.BASE_CONFIG[k] for k in ('data', 'data_root', 'category', 'seed', 'eval_size', 'val_frac')}
+    cfg = common.data_defaults({**defaults, **common._parse_argv(argv, defaults)})
+    for kind, r in baselines(cfg).items():
+        out = os.path.join('out', f"baseline_{kind}_{cfg['data']}_{cfg['category']}_s{cfg['seed']}")
+        print_table(r)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, 'results.json'), 'w') as f:
+            json.dump(r, f, indent=1)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(__doc__)
+    elif argv[0] == '--compare':
+        compare(argv[1] if len(argv) > 1 else 'out')
+    elif argv[0] == '--predict':
+        if len(argv) < 3:
+            raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png]')
+        predict(*argv[1:4])
+    elif argv[0] == '--bench':
+        if len(argv) < 2:
+            raise UserError(f"usage: python eval.py --bench METHOD [--preset paper]; methods: {', '.join(common.METHODS)}")
+        bench(argv[1], argv[2:])
+    elif argv[0] == '--baselines':
+        run_baselines(argv[1:])
+    else:
+        evaluate_checkpoint(argv[0], argv[1:])
+
+
+if __name__ == '__main__':
+    common.cli(main)
