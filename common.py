@@ -14,7 +14,6 @@ import difflib
 import functools
 import glob
 import hashlib
-import math
 import os
 import random
 import re
@@ -90,19 +89,13 @@ def _coerce(key, text, default):
     kind = type(default)
     try:
         if kind is bool:
-            if str(text).lower() in ('1', 'true', 'yes', 'on'):
-                return True
-            if str(text).lower() in ('0', 'false', 'no', 'off'):
-                return False
-            raise ValueError
+            return {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}[str(text).lower()]
         if kind is str:
             return str(text)
-        if kind is tuple:
-            value = tuple(float(v) if isinstance(default[0], float) else int(v)
-                          for v in str(text).strip('()[] ').split(',') if v.strip())
-            return value
+        if kind is tuple:   # '1,2,4' or '(1, 2, 4)'
+            return tuple(type(default[0])(v) for v in str(text).strip('()[] ').split(',') if v.strip())
         return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
-    except (ValueError, TypeError, IndexError):
+    except (ValueError, TypeError, IndexError, KeyError):
         raise UserError(f"--{key} expects {kind.__name__} (default {default!r}), got {text!r}")
 
 
@@ -169,7 +162,7 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
     if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '
                         'or pass --device cpu to run it anyway')
-    print(f"{method}: preset {preset}" + (' (auto)' if defaults['preset'] == preset == 'auto' else ''))
+    print(f'{method}: preset {preset}' + (' (auto)' if cli_args.get('preset', defaults['preset']) == 'auto' else ''))
     for key, value in cli_args.items():
         print(f'overriding: {key} = {value!r}')
     return cfg
@@ -291,9 +284,9 @@ def run(cfg, train, Model):
             if rank == 0:
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS}), 'test')
                 results.append(evaluate(model, test, c['out_dir'], c['heatmaps'], seconds))
+            if each and rank == 0:   # rewritten after every category: a killed run shows what is missing
+                summarize_each(cfg['out_dir'], results, quiet=cat != cats[-1])
             barrier()
-        if each and rank == 0:
-            summarize_each(cfg['out_dir'], results)
     finally:
         dist_teardown()
 
@@ -467,13 +460,14 @@ def _list(data, root, cat, split):
     return _list_mvtec(root, cat, split, good, masks_required=data != 'folder')
 
 
-def _read(path, size, mask=False):
+def _read(src, size, mask=False):
+    """An image file or an in-memory uint8 array -> (3,size,size) RGB uint8 (bilinear), or a
+    (1,size,size) {0,1} mask (nearest, binarised > 0: VisA's class-id masks become binary)."""
     try:
-        with Image.open(path) as im:
-            im = im.convert('L' if mask else 'RGB')
-            im = im.resize((size, size), Image.NEAREST if mask else Image.BILINEAR)
+        im = Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)
+        im = im.convert('L' if mask else 'RGB').resize((size, size), Image.NEAREST if mask else Image.BILINEAR)
     except (OSError, ValueError) as e:
-        raise UserError(f'cannot read {path}: {e}')
+        raise UserError(f'cannot read {src}: {e}')
     a = np.asarray(im)
     return (a > 0).astype(np.uint8)[None] if mask else a.transpose(2, 0, 1)
 
@@ -519,38 +513,28 @@ def load_dataset(cfg, split):
 
 
 def _load_category(cfg, cat, ci, split):
-    size, msize = cfg['image_size'], cfg['eval_size']
+    """One category: (images, masks, labels, cls, paths, has_masks), decoded in threads."""
+    part = 'test' if split == 'test' else 'train'
     if cfg['data'] == 'synthetic':
-        images, masks, labels, paths = synthetic(cat, 'test' if split == 'test' else 'train')
-        images = _resize_uint8(images, size, Image.BILINEAR)
-        masks, has_masks = _resize_uint8(masks, msize, Image.NEAREST), True
-        records = [None] * len(paths)
+        images, masks, labels, paths = synthetic(cat, part)
+        records = [(x.transpose(1, 2, 0), y, m[0] if y else None) for x, m, y in zip(images, masks, labels)]
     else:
-        records = _list(cfg['data'], cfg['data_root'], cat, 'test' if split == 'test' else 'train')
+        records = _list(cfg['data'], cfg['data_root'], cat, part)
         paths = [os.path.relpath(r[0], cfg['data_root']) for r in records]
-        labels = np.array([r[1] for r in records])
-        has_masks = any(r[2] for r in records)
     if split != 'test':   # the validation split: a seeded share of train/good, per category
-        order = np.random.default_rng(key_seed(cfg['seed'], 'val', cat)).permutation(len(paths))
-        n_val = int(round(cfg['val_frac'] * len(paths)))
+        order = np.random.default_rng(key_seed(cfg['seed'], 'val', cat)).permutation(len(records))
+        n_val = int(round(cfg['val_frac'] * len(records)))
         keep = np.sort(order[:n_val] if split == 'val' else order[n_val:])
-        records, paths, labels = [records[i] for i in keep], [paths[i] for i in keep], labels[keep]
-        if cfg['data'] == 'synthetic':
-            images, masks = images[keep], masks[keep]
-    if cfg['data'] != 'synthetic':   # decode in threads (PIL releases the GIL while decoding)
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            images = np.stack(list(pool.map(lambda r: _read(r[0], size), records)))
-            masks = np.stack(list(pool.map(lambda r: _read(r[2], msize, True) if r[2] else
-                                           np.zeros((1, msize, msize), np.uint8), records)))
-    return images, masks, labels, np.full(len(paths), ci), paths, has_masks
-
-
-def _resize_uint8(a, size, resample):
-    if a.shape[-1] == size:
-        return a
-    return np.stack([np.asarray(Image.fromarray(x.transpose(1, 2, 0).squeeze(-1) if x.shape[0] == 1 else
-                     x.transpose(1, 2, 0)).resize((size, size), resample)).reshape(size, size, -1)
-                     .transpose(2, 0, 1) for x in a])
+        records, paths = [records[i] for i in keep], [paths[i] for i in keep]
+    if not records:
+        raise UserError(f"the {split} split of {cat} is empty (val_frac {cfg['val_frac']})")
+    size, msize = cfg['image_size'], cfg['eval_size']
+    empty = np.zeros((1, msize, msize), np.uint8)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:   # PIL releases the GIL
+        images = np.stack(list(pool.map(lambda r: _read(r[0], size), records)))
+        masks = np.stack(list(pool.map(lambda r: empty if r[2] is None else _read(r[2], msize, True), records)))
+    labels = np.array([r[1] for r in records])
+    return images, masks, labels, np.full(len(records), ci), paths, any(r[2] is not None for r in records)
 
 
 class _Keyed(torch.utils.data.Dataset):

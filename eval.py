@@ -6,6 +6,7 @@ $ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS
 $ python eval.py --compare out/                                     # one table over all runs
 $ python eval.py --predict out/<run>/ckpt.pt image.png              # score + heatmap, one image
 $ python eval.py --bench omiad --preset paper --device cuda         # parameters, FLOPs, speed
+$ python eval.py --bench metrics                                    # speed of the pixel metrics
 $ python eval.py --baselines --data synthetic                       # the mean and zscore baselines
 
 Protocol: maps are resized bilinearly to eval_size (full image, no crop); masks are resized nearest
@@ -58,15 +59,20 @@ _BASELINES = {}
 
 
 def baselines(cfg):
-    """Metrics of both baselines on cfg's data and categories at eval_size (cached per process)."""
-    key = tuple(cfg[k] for k in ('data', 'data_root', 'category', 'eval_size', 'seed', 'val_frac'))
-    if key not in _BASELINES:
-        c = dict(cfg, image_size=cfg['eval_size'], batch_size=32)
-        train, test = common.load_dataset(c, 'train'), common.load_dataset(c, 'test')
-        _BASELINES[key] = {kind: evaluate(Baseline(dict(c, kind=kind, method=f'baseline_{kind}',
-                                                        preset='-'), train), test, quiet=True)
-                           for kind in ('mean', 'zscore')}
-    return _BASELINES[key]
+    """Both baselines on cfg's data and categories at eval_size, one category at a time (cached
+    per process, so 'all', 'each' and single categories share the work)."""
+    cats = common.categories(cfg['data'], cfg['data_root']) if cfg['category'] in ('all', 'each') else [cfg['category']]
+    for cat in cats:
+        key = tuple(cfg[k] for k in ('data', 'data_root', 'eval_size', 'seed', 'val_frac')) + (cat,)
+        if key not in _BASELINES:
+            c = dict(cfg, category=cat, image_size=cfg['eval_size'], batch_size=32)
+            train, test = common.load_dataset(c, 'train'), common.load_dataset(c, 'test')
+            _BASELINES[key] = {kind: evaluate(Baseline(dict(c, kind=kind, method=f'baseline_{kind}', preset='-'),
+                                                       train), test, quiet=True) for kind in ('mean', 'zscore')}
+    parts = [_BASELINES[tuple(cfg[k] for k in ('data', 'data_root', 'eval_size', 'seed', 'val_frac')) + (c,)]
+             for c in cats]
+    return {kind: merge([p[kind] for p in parts], cfg['category']) for kind in ('mean', 'zscore')}
+
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -146,19 +152,27 @@ def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'
     return results
 
 
-def summarize_each(out_dir, results):
+def merge(results, category):
+    """Results of runs over disjoint categories -> one results dict with all rows and their mean."""
+    metrics = {c: m for r in results for c, m in r['metrics'].items() if c != 'mean'}
+    metrics['mean'] = {k: float(np.mean([m[k] for m in metrics.values()])) for k in METRICS + ('mad',)}
+    return dict(results[0], category=category, config=dict(results[0]['config'], category=category), metrics=metrics,
+                extra={c: x for r in results for c, x in r['extra'].items()},
+                ms_per_image=float(np.mean([r['ms_per_image'] for r in results])),
+                train_seconds=float(np.sum([r['train_seconds'] for r in results])))
+
+
+def summarize_each(out_dir, results, quiet=False):
     """The results.json of a category='each' run: one row per trained model, plus the mean."""
     first = results[0]
-    expected = list(common.categories(first['data'], first['config']['data_root']))
-    metrics = {r['category']: r['metrics'][r['category']] for r in results}
-    metrics['mean'] = {k: float(np.mean([metrics[c][k] for c in metrics])) for k in METRICS + ('mad',)}
-    summary = dict(first, category='each', metrics=metrics, missing=[c for c in expected if c not in metrics],
-                   extra={r['category']: r['extra'][r['category']] for r in results},
-                   ms_per_image=float(np.mean([r['ms_per_image'] for r in results])),
-                   train_seconds=float(np.sum([r['train_seconds'] for r in results])))
-    print_table(summary, baselines(dict(first['config'], category='all')))
+    summary = merge(results, 'each')
+    summary['missing'] = [c for c in common.categories(first['data'], first['config']['data_root'])
+                          if c not in summary['metrics']]
+    if not quiet:
+        print_table(summary, baselines(dict(first['config'], category='all')))
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(summary, f, indent=1)
+
 
 # -----------------------------------------------------------------------------
 # output: tables, heatmaps
@@ -281,6 +295,10 @@ def bench(method, argv):
     """Cost of a method at any preset with random weights: parameters per network, FLOPs per
     image (torch FlopCounterMode), NFE, and ms/image of predict at batch 1 and 32."""
     from torch.utils.flop_counter import FlopCounterMode
+    if method == 'metrics':
+        return bench_metrics()
+    if method not in common.METHODS:
+        raise UserError(f"unknown method {method!r}; choose metrics, {', '.join(common.METHODS)}")
     module = importlib.import_module(method)
     cfg = common.get_config(module.config, module.PRESETS, argv, module.__file__)
     model = module.Model(cfg).to(cfg['device']).eval()
@@ -305,15 +323,32 @@ def bench(method, argv):
     return dict(params=params, flops=counter.get_total_flops(), nfe=nfe)
 
 
+def bench_metrics(n=100, size=256):
+    """Seconds for the four pixel metrics (one shared sort) and for AUPRO alone on n random maps."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((n, size, size), bool)
+    masks[: n // 2, size // 3: size // 2, size // 4: size // 2] = True
+    maps = (rng.random((n, size, size)) + 0.5 * masks).astype(np.float32)
+    t0 = time.perf_counter()
+    common.pixel_metrics(masks, maps)
+    t1 = time.perf_counter()
+    common.aupro(masks, maps)
+    t2 = time.perf_counter()
+    print(f'{n} maps of {size}x{size}: pixel AUROC+AP+F1+AUPRO {t1 - t0:.2f} s, AUPRO alone {t2 - t1:.2f} s')
+    return t1 - t0, t2 - t1
+
+
 def run_baselines(argv):
     defaults = {k: common.BASE_CONFIG[k] for k in ('data', 'data_root', 'category', 'seed', 'eval_size', 'val_frac')}
     cfg = common.data_defaults({**defaults, **common._parse_argv(argv, defaults)})
-    for kind, r in baselines(cfg).items():
+    results = baselines(cfg)
+    for kind, r in results.items():
         out = os.path.join('out', f"baseline_{kind}_{cfg['data']}_{cfg['category']}_s{cfg['seed']}")
         print_table(r)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, 'results.json'), 'w') as f:
             json.dump(r, f, indent=1)
+    return results
 
 
 def main(argv=None):
@@ -321,19 +356,19 @@ def main(argv=None):
     if not argv or argv[0] in ('-h', '--help'):
         print(__doc__)
     elif argv[0] == '--compare':
-        compare(argv[1] if len(argv) > 1 else 'out')
+        return compare(argv[1] if len(argv) > 1 else 'out')
     elif argv[0] == '--predict':
         if len(argv) < 3:
             raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png]')
-        predict(*argv[1:4])
+        return predict(*argv[1:4])
     elif argv[0] == '--bench':
         if len(argv) < 2:
             raise UserError(f"usage: python eval.py --bench METHOD [--preset paper]; methods: {', '.join(common.METHODS)}")
-        bench(argv[1], argv[2:])
+        return bench(argv[1], argv[2:])
     elif argv[0] == '--baselines':
-        run_baselines(argv[1:])
+        return run_baselines(argv[1:])
     else:
-        evaluate_checkpoint(argv[0], argv[1:])
+        return evaluate_checkpoint(argv[0], argv[1:])
 
 
 if __name__ == '__main__':

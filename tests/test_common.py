@@ -1,0 +1,517 @@
+"""Tests of common.py: config parsing, data loaders, the frozen benchmark, Perlin synthesis,
+metrics, checkpoints and the deterministic training stream. Offline, CPU, seeded."""
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+import common
+from common import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -----------------------------------------------------------------------------
+# config
+
+DEFAULTS = dict(common.BASE_CONFIG, lr=1e-4, steps=10, ema=True, mults=(1, 2, 4))   # lr: a float
+PRESETS = {'paper': dict(steps=1000), 'tiny': dict(steps=5)}
+
+
+def cfg_of(*argv, file=__file__):
+    return common.get_config(DEFAULTS, PRESETS, list(argv), file)
+
+
+def test_config_forms_types_and_presets(capsys):
+    cfg = cfg_of('--lr', '3e-4', '--steps=7', '--no-ema', '--resume', '--mults', '1,1,2', '--data-root', 'x')
+    assert (cfg['lr'], cfg['steps'], cfg['ema'], cfg['resume']) == (3e-4, 7, False, True)
+    assert cfg['mults'] == (1, 1, 2) and cfg['data_root'] == 'x' and isinstance(cfg['steps'], int)
+    assert cfg['preset'] == 'tiny' and cfg['eval_size'] == 128          # auto -> tiny on synthetic
+    assert cfg['out_dir'] == os.path.join('out', 'test_common_synthetic_all_tiny_s0')
+    out = capsys.readouterr().out
+    assert 'preset tiny (auto)' in out and 'overriding: lr = 0.0003' in out
+    assert cfg_of('--steps', '8')['steps'] == 8                          # command line beats preset
+    assert cfg_of('--lr', '1')['lr'] == 1.0 and isinstance(cfg_of('--lr', '1')['lr'], float)
+    assert cfg_of('--preset', 'paper', '--device', 'cpu')['steps'] == 1000
+    paper = cfg_of('--data', 'mvtec', '--device', 'cpu')
+    assert paper['preset'] == 'paper' and paper['data_root'] == os.path.join('data', 'mvtec')
+    assert paper['eval_size'] == 256
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--lrr', '1'], 'unknown option --lrr (did you mean --lr?)'),
+    (['--lr', 'fast'], "--lr expects float (default 0.0001), got 'fast'"),
+    (['--steps', '1.5'], '--steps expects int'),
+    (['--ema=maybe'], '--ema expects bool'),
+    (['--mults', 'a,b'], '--mults expects tuple'),
+    (['--lr'], '--lr needs a value'),
+    (['--lr', '--steps', '3'], '--lr needs a value'),
+    (['train'], "unexpected argument 'train'"),
+    (['--preset', 'huge'], "unknown preset 'huge'"),
+])
+def test_config_errors(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        cfg_of(*argv)
+
+
+def test_paper_preset_refused_on_implicit_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    with pytest.raises(UserError, match='paper preset takes days on a CPU'):
+        cfg_of('--data', 'mvtec')
+    assert cfg_of('--data', 'mvtec', '--device', 'cpu')['device'] == 'cpu'   # explicit: allowed
+    assert cfg_of('--data', 'mvtec', '--preset', 'tiny')['device'] == 'cpu'
+
+
+def test_help_lists_every_key_with_default_comment_and_presets(tmp_path, capsys):
+    f = tmp_path / 'meth.py'
+    f.write_text('config = dict(\n    lr=1e-4,        # AdamW learning rate\n    steps=10,  # optimiser steps\n)\n')
+    with pytest.raises(SystemExit) as e:
+        common.get_config(DEFAULTS, PRESETS, ['--help'], str(f), 'Doc title.\n\nmore')
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith('Doc title.')
+    for key in DEFAULTS:
+        assert f'--{key} ' in out
+    assert 'AdamW learning rate' in out and 'paper: 1000, tiny: 5' in out
+    assert 'seeds init, data order' in out                  # comments of common's shared keys
+
+
+def test_cli_turns_user_errors_into_one_line_and_exit_2(capsys):
+    def main():
+        raise UserError('no checkpoint at x')
+    with pytest.raises(SystemExit) as e:
+        common.cli(main)
+    assert e.value.code == 2 and capsys.readouterr().err == 'error: no checkpoint at x\n'
+
+# -----------------------------------------------------------------------------
+# data loaders on small trees built in tmp_path
+
+
+def _img(path, size=(40, 30), mode='RGB', value=100):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, value if mode in ('L', 'I') else (value,) * len(mode)).save(path)
+
+
+def _mask(path, size=(40, 30), value=255):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    a = np.zeros(size[::-1], np.uint8)
+    a[5:15, 10:20] = value
+    Image.fromarray(a).save(path)
+
+
+def _cfg(data, root, category='all', **kw):
+    return dict(dict(data=data, data_root=str(root), category=category, image_size=32, eval_size=16,
+                     seed=0, val_frac=0.25), **kw)
+
+
+def mvtec_tree(root, cats=('bottle', 'screw')):
+    for c in cats:
+        _img(f'{root}/{c}/train/good/000.png', mode='L')                    # grayscale
+        _img(f'{root}/{c}/train/good/001.png', mode='RGBA')                 # RGBA
+        _img(f'{root}/{c}/train/good/002.png', size=(64, 20))               # non-square
+        _img(f'{root}/{c}/train/good/003.jpg')                              # JPG
+        _img(f'{root}/{c}/test/good/000.png')
+        _img(f'{root}/{c}/test/crack/000.png', value=200)
+        _mask(f'{root}/{c}/ground_truth/crack/000_mask.png')
+    return root
+
+
+def test_mvtec_like_loader(tmp_path):
+    root = mvtec_tree(tmp_path / 'mvtec')
+    test = common.load_dataset(_cfg('folder', root), 'test')
+    assert test.categories == ['bottle', 'screw'] and len(test) == 4
+    assert test.images.shape == (4, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert test.masks.shape == (4, 1, 16, 16) and set(test.masks.unique().tolist()) == {0, 1}
+    assert test.labels.tolist() == [1, 0, 1, 0] and test.cls.tolist() == [0, 0, 1, 1]
+    assert test.paths[0] == os.path.join('bottle', 'test', 'crack', '000.png')
+    assert test.masks[0].sum() > 0 and test.masks[1].sum() == 0 and test.has_masks['bottle']
+    s = test[0]
+    assert s['image'].shape == (3, 32, 32) and 0 <= s['image'].min() and s['image'].max() <= 1
+    train, val = (common.load_dataset(_cfg('folder', root, 'screw'), k) for k in ('train', 'val'))
+    assert len(train) == 3 and len(val) == 1 and not set(train.paths) & set(val.paths)
+    assert common.load_dataset(_cfg('folder', root, 'screw', seed=0), 'val').paths == val.paths
+
+
+def test_folder_without_masks_gives_image_metrics_only(tmp_path):
+    root = mvtec_tree(tmp_path / 'mpdd', cats=('bottle',))
+    os.rename(root / 'bottle' / 'ground_truth', root / 'bottle' / 'gt_elsewhere')
+    test = common.load_dataset(_cfg('folder', root), 'test')
+    assert not test.has_masks['bottle'] and test.masks.sum() == 0
+    with pytest.raises(UserError, match='no ground_truth folder'):     # MVTec itself needs masks
+        common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')
+
+
+def test_btad_loader(tmp_path):
+    root = tmp_path / 'btad'
+    _img(f'{root}/01/train/ok/0000.bmp')
+    _img(f'{root}/01/test/ok/0000.bmp')
+    _img(f'{root}/01/test/ko/0001.bmp')
+    _mask(f'{root}/01/ground_truth/ko/0001.png')
+    test = common.load_dataset(_cfg('btad', root, '01'), 'test')
+    assert test.labels.tolist() == [1, 0] and test.masks[0].sum() > 0
+
+
+def test_visa_raw_and_prepared_loaders(tmp_path):
+    raw = tmp_path / 'visa'
+    _img(f'{raw}/candle/Data/Images/Normal/0000.JPG', size=(60, 40))
+    _img(f'{raw}/candle/Data/Images/Normal/0001.JPG', size=(60, 40))
+    _img(f'{raw}/candle/Data/Images/Anomaly/000.JPG', size=(60, 40))
+    _mask(f'{raw}/candle/Data/Masks/Anomaly/000.png', size=(60, 40), value=3)   # class id, not 255
+    os.makedirs(raw / 'split_csv')
+    (raw / 'split_csv' / '1cls.csv').write_text(
+        'object,split,label,image,mask\n'
+        'candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n'
+        'candle,test,normal,candle/Data/Images/Normal/0001.JPG,\n'
+        'candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n')
+    test = common.load_dataset(_cfg('visa', raw, 'candle'), 'test')
+    assert test.labels.tolist() == [0, 1] and set(test.masks[1].unique().tolist()) == {0, 1}
+    prepared = tmp_path / 'visa_1cls'
+    _img(f'{prepared}/candle/train/good/0000.JPG')
+    _img(f'{prepared}/candle/test/good/0001.JPG')
+    _img(f'{prepared}/candle/test/bad/000.JPG')
+    _mask(f'{prepared}/candle/ground_truth/bad/000.png', value=1)              # mask = image stem
+    test = common.load_dataset(_cfg('visa', prepared, 'candle'), 'test')
+    assert test.labels.tolist() == [1, 0] and test.masks[0].sum() > 0
+
+
+def test_loader_errors(tmp_path):
+    root = mvtec_tree(tmp_path / 'mvtec', cats=('bottle',))
+    with pytest.raises(UserError, match='mvtec dataset not found at .*download MVTec AD from https'):
+        common.load_dataset(_cfg('mvtec', tmp_path / 'nowhere', 'bottle'), 'test')
+    with pytest.raises(UserError, match="unknown category 'botle' for folder \\(did you mean 'bottle'\\?\\); valid: all, each, bottle"):
+        common.load_dataset(_cfg('folder', root, 'botle'), 'test')
+    with pytest.raises(UserError, match="unknown data 'mvtech'"):
+        common.load_dataset(_cfg('mvtech', root), 'test')
+    os.remove(root / 'bottle' / 'ground_truth' / 'crack' / '000_mask.png')
+    with pytest.raises(UserError, match='image/mask mismatch: .*crack/000.png has no mask 000_mask.png'):
+        common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')
+    (root / 'bottle' / 'test' / 'crack' / '000.png').write_bytes(b'not a png')
+    _mask(f'{root}/bottle/ground_truth/crack/000_mask.png')
+    with pytest.raises(UserError, match='cannot read .*crack/000.png'):
+        common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')
+    for f in (root / 'bottle' / 'train' / 'good').iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match='no images in .*train/good'):
+        common.load_dataset(_cfg('mvtec', root, 'bottle'), 'train')
+    with pytest.raises(UserError, match='val split of weave is empty'):
+        common.load_dataset(_cfg('synthetic', '', 'weave', val_frac=0.0), 'val')
+
+# -----------------------------------------------------------------------------
+# the frozen synthetic benchmark
+
+# sha256 over all arrays, labels and paths of every category and split (SYNTHETIC_VERSION 1)
+SYNTHETIC_SHA256 = '88335344ca1e21b0ad6fe78839eb9e884ffc147b993c98a86a4579fdc318f955'
+
+
+def test_synthetic_benchmark_is_frozen():
+    h = hashlib.sha256()
+    for cat in common.SYNTHETIC:
+        for split in ('train', 'test'):
+            images, masks, labels, paths = common.synthetic(cat, split)
+            for a in (images, masks, labels.astype(np.int64)):
+                h.update(np.ascontiguousarray(a).tobytes())
+            h.update('\n'.join(paths).encode())
+    assert common.SYNTHETIC_VERSION == 1
+    assert h.hexdigest() == SYNTHETIC_SHA256, 'the frozen benchmark changed: methods were measured on v1'
+
+
+def test_synthetic_benchmark_shapes_and_defects():
+    for cat in common.SYNTHETIC:
+        images, masks, labels, paths = common.synthetic(cat, 'test')
+        assert images.shape == (100, 3, 128, 128) and images.dtype == np.uint8
+        assert labels.sum() == 60 and (masks[labels == 0] == 0).all()
+        areas = masks[labels == 1].reshape(60, -1).sum(1)
+        assert areas.min() >= 30, 'every defect covers >= 30 px (128x128)'
+        kinds = {p.split('/')[2] for p in paths}
+        assert kinds == set(common.DEFECTS) | {'good'}
+        train = common.synthetic(cat, 'train')
+        assert train[0].shape == (160, 3, 128, 128) and train[2].sum() == 0
+        assert len({x.tobytes() for x in train[0]}) == 160                # every normal image differs
+
+# -----------------------------------------------------------------------------
+# Perlin anomaly synthesis
+
+
+def _sample(size=64):
+    g = torch.Generator().manual_seed(0)
+    return dict(image=torch.rand(3, size, size, generator=g), mask=torch.zeros(1, 16, 16), label=0,
+                cls=0, path='x')
+
+
+def test_perlin_noise_range_and_any_size():
+    n = common.perlin_noise(np.random.default_rng(0), 50, 70, (4, 8))
+    assert n.shape == (50, 70) and np.abs(n).max() <= np.sqrt(2) * 1.01 and n.std() > 0.1
+
+
+def test_perlin_anomaly_properties():
+    x = _sample()
+    coverages = []
+    for seed in range(40):
+        out = common.perlin_anomaly(x, np.random.default_rng(seed), p=1.0, beta=(0.2, 0.8))
+        m = out['mask']
+        assert m.shape == (1, 64, 64) and set(m.unique().tolist()) <= {0.0, 1.0}
+        assert out['label'] == int(m.any())
+        assert torch.equal(out['image'] * (1 - m), x['image'] * (1 - m))   # outside: untouched
+        assert out['image'].min() >= 0 and out['image'].max() <= 1
+        assert (out['image'] - x['image']).abs()[m.expand(3, -1, -1) > 0].mean() > 0.01
+        coverages.append(m.mean().item())
+    assert np.mean([c > 0 for c in coverages]) > 0.9 and max(coverages) > 5 * min(coverages)  # scales vary
+    same = [common.perlin_anomaly(x, np.random.default_rng(7), p=1.0)['image'] for _ in range(2)]
+    assert torch.equal(*same)                                                # a pure function of rng
+    labels = [common.perlin_anomaly(x, np.random.default_rng(s), p=0.5)['label'] for s in range(200)]
+    assert 0.4 < np.mean(labels) < 0.6
+    assert common.perlin_anomaly(x, np.random.default_rng(0), p=0.0)['label'] == 0
+    fg = np.zeros((64, 64))
+    fg[:, :32] = 1
+    for s in range(10):
+        assert common.perlin_anomaly(x, np.random.default_rng(s), p=1.0, fg=fg)['mask'][0, :, 32:].sum() == 0
+
+
+def test_perlin_anomaly_blend_is_eq_12(monkeypatch):
+    monkeypatch.setattr(common, '_appearance', lambda image, rng, dtd: np.full_like(image, 255))
+    x = _sample()
+    out = common.perlin_anomaly(x, np.random.default_rng(3), p=1.0, beta=(0.5, 0.5))
+    m = out['mask'].expand(3, -1, -1) > 0
+    assert torch.allclose(out['image'][m], 0.5 * x['image'][m] + 0.5, atol=1e-6)
+
+
+def test_dtd_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match='no DTD images'):
+        for s in range(20):
+            common.perlin_anomaly(_sample(), np.random.default_rng(s), p=1.0, dtd_root=str(tmp_path))
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_image_metrics_match_scikit_learn_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.random(300) < 0.4
+        s = np.round(rng.random(300) + 0.4 * y, 1)                           # many ties
+        m = common.image_metrics(y, s)
+        p, r, _ = precision_recall_curve(y, s)
+        f1 = np.max(2 * p * r / np.maximum(p + r, 1e-12))
+        assert m['image_auroc'] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert m['image_ap'] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        assert m['image_f1max'] == pytest.approx(f1, abs=1e-12)
+
+
+def test_pixel_metrics_match_scikit_learn():
+    rng = np.random.default_rng(1)
+    masks = np.zeros((6, 20, 20), bool)
+    masks[:3, 5:12, 4:9] = True
+    maps = np.round(rng.random((6, 20, 20)) + 0.5 * masks, 2).astype(np.float32)
+    m = common.pixel_metrics(masks, maps)
+    assert m['pixel_auroc'] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert m['pixel_ap'] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+def _aupro_reference(masks, maps, limit):
+    """Brute force: every distinct score is a threshold; PRO = mean over 8-connected regions of
+    the covered fraction, FPR over all normal pixels; (0,0) and (1,1) added; official trapezoid."""
+    from scipy import ndimage
+    regions = []
+    for i, m in enumerate(masks):
+        lab, n = ndimage.label(m, np.ones((3, 3)))
+        regions += [(i, lab == k) for k in range(1, n + 1)]
+    fprs, pros = [0.0], [0.0]
+    for th in np.unique(maps)[::-1]:
+        pred = maps >= th
+        fprs.append((pred & ~masks).sum() / (~masks).sum())
+        pros.append(np.mean([(pred[i] & r).sum() / r.sum() for i, r in regions]))
+    return common.trapezoid(fprs + [1.0], pros + [1.0], x_max=limit) / limit
+
+
+def test_aupro_reference_values():
+    preds = (np.arange(2800) / 2800).reshape(1, 400, 7)
+    for cols in ([3], [1, 3, 5]):
+        gt = np.zeros((1, 400, 7))
+        gt[:, :, cols] = 1
+        assert common.aupro(gt, preds, limit=1 / 3) == pytest.approx(1 / 6, abs=1e-3)
+    assert common.trapezoid([0, 0.5, 1], [0, 0.5, 1], x_max=0.3) == pytest.approx(0.045, abs=1e-12)
+    assert common.trapezoid([0, 0.3, 1], [0, 0.5, 1], x_max=0.3) == pytest.approx(0.075, abs=1e-12)
+    rng = np.random.default_rng(2)
+    masks = np.zeros((4, 16, 16), bool)
+    masks[0, 2:6, 2:6] = masks[0, 10:14, 9:15] = masks[2, 4:12, 1:4] = True   # 3 regions
+    maps = np.round(rng.random((4, 16, 16)) + 0.4 * masks, 2)
+    for limit in (0.3, 0.05, 1.0):
+        assert common.aupro(masks, maps, limit) == pytest.approx(_aupro_reference(masks, maps, limit), abs=1e-12)
+    assert common.pixel_metrics(masks, maps)['aupro'] == pytest.approx(common.aupro(masks, maps), abs=1e-12)
+
+
+def test_perfect_and_constant_maps():
+    masks = np.zeros((3, 8, 8), bool)
+    masks[1, 2:5, 2:5] = True
+    perfect = common.compute_metrics([0, 1, 0], [0.1, 0.9, 0.2], masks, masks.astype(np.float32))
+    assert all(perfect[k] == pytest.approx(1.0) for k in common.METRICS) and perfect['mad'] == pytest.approx(1.0)
+    with pytest.warns(UserWarning, match='every score is the same'):
+        const = common.compute_metrics([0, 1, 0], [1, 1, 1], masks, np.ones((3, 8, 8)))
+    assert const['image_auroc'] == 0.5 and const['pixel_auroc'] == 0.5
+    assert const['pixel_ap'] == pytest.approx(masks.mean())
+    assert const['aupro'] == pytest.approx(0.15)      # the diagonal from (0,0) to (1,1) up to 0.3
+
+
+def test_undefined_metrics_are_nan_with_a_warning():
+    masks = np.zeros((2, 8, 8), bool)
+    with pytest.warns(UserWarning, match='no anomalous'):
+        m = common.compute_metrics([0, 0], [0.1, 0.3], masks, np.random.rand(2, 8, 8))
+    assert np.isnan(m['image_auroc']) and np.isnan(m['pixel_auroc']) and np.isnan(m['aupro'])
+    assert np.isnan(m['mad'])
+    with pytest.warns(UserWarning, match='non-finite'):
+        assert np.isnan(common.image_metrics([0, 1], [0.1, np.nan])['image_auroc'])
+    assert np.isnan(common.compute_metrics([0, 1], [0.1, 0.3])['pixel_ap'])   # no masks: image only
+
+
+def test_gaussian_blur_preserves_mass_and_matches_kernel():
+    x = torch.zeros(1, 2, 41, 41)
+    x[0, :, 20, 20] = 1
+    y = common.gaussian_blur(x, 2.0)
+    assert y.sum().item() == pytest.approx(2.0, abs=1e-5)
+    g = np.exp(-np.arange(-8, 9) ** 2 / 8.0)
+    assert y[0, 0, 20, 12:29].numpy() == pytest.approx(g / g.sum() * y[0, 0, 12:29, 20].sum().item(), abs=1e-6)
+    assert torch.equal(common.gaussian_blur(x, 0), x)
+
+# -----------------------------------------------------------------------------
+# seeding, generators and the training stream
+
+
+def test_generators_and_sample_noise_are_pure_functions_of_keys():
+    assert torch.equal(torch.randn(3, generator=common.generator(0, 1, 2)),
+                       torch.randn(3, generator=common.generator(0, 1, 2)))
+    assert not torch.equal(torch.randn(3, generator=common.generator(0, 1, 2)),
+                           torch.randn(3, generator=common.generator(0, 1, 3)))
+    a = common.sample_noise((2, 4), 0, ['a', 'b', 'c'])
+    b = common.sample_noise((2, 4), 0, ['c', 'a'])
+    assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])              # batch-independent
+    assert not torch.equal(a[0], common.sample_noise((2, 4), 1, ['a'])[0])   # seed matters
+
+
+def _stream(cfg, start, n, transform=None):
+    data = common.load_dataset(cfg, 'train')
+    it = common.train_batches(data, cfg, start, transform)
+    return [next(it) for _ in range(n)]
+
+
+def test_training_stream_resumes_exactly_and_covers_epochs():
+    import functools
+    cfg = dict(_cfg('synthetic', '', 'weave', image_size=32, val_frac=0.1), batch_size=8,
+               num_workers=0, device='cpu')
+    synth = functools.partial(common.perlin_anomaly, p=0.5)
+    full = _stream(cfg, 0, 6, synth)
+    tail = _stream(cfg, 3, 3, synth)
+    for a, b in zip(full[3:], tail):
+        assert a['path'] == b['path'] and torch.equal(a['image'], b['image']) and torch.equal(a['mask'], b['mask'])
+    paths = [p for b in _stream(cfg, 0, 18) for p in b['path']]             # 144 = 18 x 8: one epoch
+    assert len(set(paths)) == 144
+
+
+def test_batch_size_must_divide_over_ranks(monkeypatch):
+    monkeypatch.setattr(common, 'rank_world', lambda: (0, 2))
+    with pytest.raises(UserError, match='--batch_size 3 must be divisible by the 2 ranks'):
+        common.train_batches([0] * 4, dict(batch_size=3, seed=0, num_workers=0, device='cpu'), 0)
+
+
+def test_rank_shares_reassemble_the_global_batch():
+    keys = lambda rank, world: next(common._batch_keys(50, 8, 0, 5, rank, world))   # noqa: E731
+    assert keys(0, 2) + keys(1, 2) == keys(0, 1)
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+class Tiny(torch.nn.Module):
+    INFER_KEYS = ('k',)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.lin = torch.nn.Linear(3, cfg.get('width', 2))
+        self.register_buffer('stat', torch.zeros(2))
+
+
+def test_save_is_atomic_and_load_restores_and_checks(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    m = Tiny(dict(width=2, k=1, preset='tiny'))
+    m.stat += 3
+    common.save(path, m, step=5, train_seconds=1.5)
+    assert os.listdir(tmp_path) == ['ckpt.pt']                                 # no temporary left
+    m2, ckpt = common.load(path, Tiny, {'k': 4})
+    assert ckpt['step'] == 5 and ckpt['method'] == 'test_common' and m2.cfg['k'] == 4
+    assert torch.equal(m2.lin.weight, m.lin.weight) and torch.equal(m2.stat, m.stat)
+    assert set(ckpt['versions']) >= {'python', 'torch', 'torchvision', 'timm', 'git'}
+    with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of test_common: k'):
+        common.load(path, Tiny, {'width': 3})
+    torch.save(dict(torch.load(path, weights_only=True), config=dict(width=3, k=1)), path)
+    with pytest.raises(UserError, match='does not match this version of test_common.py'):
+        common.load(path, Tiny)
+
+
+def test_load_refuses_bad_files(tmp_path):
+    with pytest.raises(UserError, match='no checkpoint at'):
+        common.load(str(tmp_path / 'none.pt'), Tiny)
+    bad = tmp_path / 'pickled.pt'
+    torch.save({'method': 'test_common', 'config': {}, 'model': {}, 'evil': Image.new('L', (1, 1))}, bad)
+    with pytest.raises(UserError, match='holds Python objects.*refusing to unpickle'):
+        common.load(str(bad), Tiny)
+    common.save(str(tmp_path / 'ok.pt'), Tiny(dict(k=1)))
+    (tmp_path / 'cut.pt').write_bytes((tmp_path / 'ok.pt').read_bytes()[:500])
+    with pytest.raises(UserError, match='truncated or not a PyTorch file'):
+        common.load(str(tmp_path / 'cut.pt'), Tiny)
+    (tmp_path / 'text.pt').write_text('hello')
+    with pytest.raises(UserError, match='truncated or not a PyTorch file'):
+        common.load(str(tmp_path / 'text.pt'), Tiny)
+    torch.save({'weights': torch.zeros(2)}, tmp_path / 'foreign.pt')
+    with pytest.raises(UserError, match='not a checkpoint of this project'):
+        common.load(str(tmp_path / 'foreign.pt'), Tiny)
+    torch.save({'method': 'omiad', 'config': {}, 'model': {}}, tmp_path / 'other.pt')
+    with pytest.raises(UserError, match='is a omiad checkpoint; use omiad.py'):
+        common.load(str(tmp_path / 'other.pt'), Tiny)
+
+
+def test_checkpoint_round_trip_in_a_fresh_process(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    m = Tiny(dict(k=1))
+    common.save(path, m)
+    code = (f'import sys, torch; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]\n'
+            'import common, test_common\n'
+            f'm, _ = common.load({path!r}, test_common.Tiny)\n'
+            'print(repr(m.lin(torch.ones(1, 3)).tolist()))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == repr(m.lin(torch.ones(1, 3)).tolist())
+
+
+def test_recalibrate_bn_restores_unit_scale_features():
+    net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Conv2d(8 if i else 3, 8, 3, padding=1, bias=False),
+                                                    torch.nn.BatchNorm2d(8)) for i in range(6)]).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.01)                   # activations shrink per layer
+    x = torch.rand(8, 3, 16, 16)
+    assert net(x).std() < 1e-4
+    common.recalibrate_bn(net, [x[:4], x[4:]])
+    y = net(x)
+    assert 0.5 < y.std() < 2 and not net.training and not any(m.training for m in net.modules())
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_load_pretrained_from_file_checks_keys_and_records_sha(tmp_path):
+    src = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    f = tmp_path / 'w.pth'
+    torch.save(src.state_dict(), f)
+    dst = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    rec = common.load_pretrained(dst, 'toy', str(f))
+    assert torch.equal(dst[0].weight, src[0].weight)
+    assert rec == dict(id='toy', file='w.pth', sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    with pytest.raises(UserError, match='does not fit toy'):
+        common.load_pretrained(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3)), 'toy', str(f))
+    with pytest.raises(UserError, match='not found'):
+        common.load_pretrained(dst, 'toy', str(tmp_path / 'missing.pth'))
+    with pytest.raises(UserError, match='not in the timm cache.*--backbone_weights FILE'):
+        common.load_pretrained(dst, 'no_such_model_xyz.in1k', 'timm')    # looks locally, never downloads

@@ -1,0 +1,172 @@
+"""Tests of eval.py and common.run end to end: the baselines, a toy method (tests/toy_method.py)
+trained, evaluated, resumed and compared; heatmaps, overrides, --predict, edge cases."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import eval as E
+import toy_method
+from common import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ('method', 'data', 'category', 'preset', 'seed', 'config', 'protocol', 'versions', 'metrics',
+        'extra', 'nfe', 'ms_per_image', 'train_seconds', 'params')
+
+
+@pytest.fixture(autouse=True)
+def toy_is_a_method(monkeypatch):
+    monkeypatch.setattr(common, 'METHODS', common.METHODS + ('toy_method',))
+
+
+def toy(tmp_path, *argv):
+    out = str(tmp_path / 'run')
+    toy_method.main(['--out_dir', out, *argv])
+    return out
+
+
+def test_baselines_are_below_the_bar_on_the_benchmark(capsys):
+    cfg = common.data_defaults(dict(common.BASE_CONFIG, category='all'))
+    base = E.baselines(cfg)
+    for kind in ('mean', 'zscore'):
+        mean = base[kind]['metrics']['mean']
+        assert 0.5 < mean['image_auroc'] < 0.9 and 0.5 < mean['pixel_auroc'] < 0.9, kind
+        assert set(base[kind]['metrics']) == set(common.SYNTHETIC) | {'mean'}
+
+
+def test_run_baselines_writes_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    E.main(['--baselines', '--category', 'weave'])
+    r = json.load(open(tmp_path / 'out' / 'baseline_zscore_synthetic_weave_s0' / 'results.json'))
+    assert set(KEYS) <= set(r) and r['method'] == 'baseline_zscore' and r['nfe'] == {}
+    assert set(r['metrics']) == {'weave', 'mean'} and set(r['metrics']['mean']) == set(common.METRICS) | {'mad'}
+    assert 'baseline_zscore | synthetic | weave' in capsys.readouterr().out
+
+
+def test_train_evaluate_and_results_schema(tmp_path, capsys):
+    out = toy(tmp_path, '--heatmaps', '2', '--category', 'weave')
+    r = json.load(open(os.path.join(out, 'results.json')))
+    assert set(KEYS) <= set(r) and r['category'] == 'weave' and r['preset'] == 'tiny'
+    assert r['nfe'] == {'net': 1} and r['params']['net'] == r['params']['total'] > 0
+    assert r['protocol']['eval_size'] == 128 and r['config']['steps'] == 6 and r['ms_per_image'] > 0
+    assert r['versions']['torch'] == str(torch.__version__) and r['train_seconds'] > 0
+    m = r['metrics']['weave']
+    assert all(0 <= m[k] <= 1 for k in common.METRICS) and m['mad'] == pytest.approx(np.mean([m[k] for k in common.METRICS]))
+    pngs = sorted(os.listdir(os.path.join(out, 'heatmaps', 'weave')))
+    assert len(pngs) == 2 and Image.open(os.path.join(out, 'heatmaps', 'weave', pngs[0])).size == (4 * 128, 128)
+    printed = capsys.readouterr().out
+    assert 'baseline mean (mean)' in printed and 'baseline zscore (mean)' in printed
+
+
+def test_each_runs_one_model_per_category_and_a_mean_row(tmp_path):
+    out = toy(tmp_path, '--category', 'each', '--steps', '2')
+    for cat in common.SYNTHETIC:
+        assert os.path.isfile(os.path.join(out, cat, 'ckpt.pt'))
+    r = json.load(open(os.path.join(out, 'results.json')))
+    assert r['category'] == 'each' and r['missing'] == [] and set(r['metrics']) == set(common.SYNTHETIC) | {'mean'}
+    assert r['metrics']['mean']['image_auroc'] == pytest.approx(np.mean([r['metrics'][c]['image_auroc'] for c in common.SYNTHETIC]))
+    runs = E.compare(str(tmp_path))
+    assert list(runs) == [('toy_method', 'synthetic', 'each', 'tiny')]   # members folded into the summary
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = toy(tmp_path / 'a', '--category', 'weave', '--steps', '6')
+    cut = toy(tmp_path / 'b', '--category', 'weave', '--steps', '3')
+    toy_method.main(['--out_dir', cut, '--category', 'weave', '--steps', '6', '--resume'])
+    a = torch.load(os.path.join(straight, 'ckpt.pt'), weights_only=True)
+    b = torch.load(os.path.join(cut, 'ckpt.pt'), weights_only=True)
+    assert a['step'] == b['step'] == 6
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
+    out = toy(tmp_path, '--category', 'capsule')
+    ckpt = os.path.join(out, 'ckpt.pt')
+    r = E.main([ckpt, '--noise', '0.1', '--batch_size', '7'])
+    assert os.path.isfile(os.path.join(out, 'eval_noise0.1', 'results.json'))
+    with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of toy_method: noise'):
+        E.main([ckpt, '--width', '4'])
+    with pytest.raises(UserError, match='unknown option --S'):
+        E.main([ckpt, '--S', '3'])
+    # one image through --predict scores exactly as in the evaluation of the whole set
+    test = common.load_dataset(dict(json.load(open(os.path.join(out, 'results.json')))['config'], image_size=128), 'test')
+    img = tmp_path / 'one.png'
+    Image.fromarray(test.images[45].numpy().transpose(1, 2, 0)).save(img)
+    model, _ = common.load(ckpt, toy_method.Model)
+    small = common.load_dataset(model.cfg, 'test')
+    expected = model.predict(dict(image=small[45]['image'][None], cls=torch.zeros(1, dtype=torch.long), path=['x']))['score']
+    score, amap = E.predict(ckpt, str(img), str(tmp_path / 'h.png'))
+    assert score == pytest.approx(expected.item(), abs=1e-6) and os.path.isfile(tmp_path / 'h.png')
+    assert r['metrics']['capsule']['image_auroc'] == r['metrics']['capsule']['image_auroc']   # not NaN
+
+
+def test_evaluation_is_batch_size_invariant_and_uses_only_image_cls_path(tmp_path):
+    out = toy(tmp_path, '--category', 'grain')
+    model, _ = common.load(os.path.join(out, 'ckpt.pt'), toy_method.Model, {'noise': 0.05})
+    test = common.load_dataset(model.cfg, 'test')
+    seen = []
+    predict = model.predict
+    model.predict = lambda b: seen.append(set(b)) or predict(b)
+    r1 = E.evaluate(model, test, quiet=True)
+    model.cfg['batch_size'] = 13
+    r2 = E.evaluate(model, test, quiet=True)
+    assert r1['metrics'] == r2['metrics'] and all(s == {'image', 'cls', 'path'} for s in seen)
+
+
+def test_test_set_without_anomalies_reports_nan_image_metrics(tmp_path):
+    out = toy(tmp_path, '--category', 'washer')
+    model, _ = common.load(os.path.join(out, 'ckpt.pt'), toy_method.Model)
+    test = common.load_dataset(model.cfg, 'test')
+    normal = test.subset((test.labels == 0).nonzero()[:, 0])
+    with pytest.warns(UserWarning, match='no anomalous'):
+        r = E.evaluate(model, normal, str(tmp_path / 'n'), quiet=True)
+    m = r['metrics']['washer']
+    assert math.isnan(m['image_auroc']) and math.isnan(m['pixel_auroc']) and math.isnan(m['mad'])
+    assert math.isnan(json.load(open(tmp_path / 'n' / 'results.json'))['metrics']['mean']['aupro'])
+
+
+def test_postprocess_is_applied_per_category(tmp_path):
+    out = toy(tmp_path)
+    model, _ = common.load(os.path.join(out, 'ckpt.pt'), toy_method.Model)
+    calls = []
+    model.postprocess = lambda outs: calls.append(len(outs['score'])) or dict(outs, score=-outs['score'])
+    r = E.evaluate(model, common.load_dataset(model.cfg, 'test'), quiet=True)
+    assert calls == [100] * 4
+    plain = json.load(open(os.path.join(out, 'results.json')))['metrics']
+    for cat in common.SYNTHETIC:   # negated scores: AUROC mirrors, pixel metrics unchanged
+        assert r['metrics'][cat]['image_auroc'] == pytest.approx(1 - plain[cat]['image_auroc'])
+        assert r['metrics'][cat]['pixel_auroc'] == pytest.approx(plain[cat]['pixel_auroc'])
+
+
+def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
+    for seed in ('0', '1'):
+        toy_method.main(['--out_dir', str(tmp_path / f's{seed}'), '--category', 'weave', '--seed', seed])
+    r = json.load(open(tmp_path / 's0' / 'results.json'))
+    os.makedirs(tmp_path / 'each')
+    json.dump(dict(r, category='each', missing=['grain']), open(tmp_path / 'each' / 'results.json', 'w'))
+    runs = E.compare(str(tmp_path))
+    assert len(runs[('toy_method', 'synthetic', 'weave', 'tiny')]) == 2
+    printed = capsys.readouterr().out
+    assert 'INCOMPLETE' in printed and '+-' in printed
+    with pytest.raises(UserError, match='no results.json under'):
+        E.compare(str(tmp_path / 'empty'))
+
+
+def test_cli_errors_are_one_line_with_exit_2(tmp_path):
+    for argv, message in ((['nothing.pt'], 'error: no checkpoint at nothing.pt'),
+                          (['--predict', 'a.pt'], 'error: usage: python eval.py --predict CKPT IMAGE'),
+                          (['--bench', 'nomethod'], None)):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), *argv], capture_output=True,
+                           text=True, cwd=tmp_path)
+        if message:
+            assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count('\n') == 1, p.stderr
+        else:
+            assert p.returncode == 2 and "unknown method 'nomethod'" in p.stderr, p.stderr
