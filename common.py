@@ -821,9 +821,10 @@ def _appearance(image, rng, dtd_root):
     """The anomaly source A (H,W,3 uint8): a DTD image, else a procedural Perlin colour texture or a
     strip-shuffled copy of the image itself; then three random augmenters."""
     h, w = image.shape[:2]
+    self_copy = not dtd_root and rng.random() >= 0.5
     if dtd_root:
         a = _read(_dtd_files(dtd_root)[rng.integers(len(_dtd_files(dtd_root)))], h).transpose(1, 2, 0)
-    elif rng.random() < 0.5:
+    elif not self_copy:
         t = np.clip(perlin_noise(rng, h, w, 2 ** rng.integers(1, 6, 2)) + 0.5, 0, 1)[..., None]
         c0, c1 = rng.random(3), rng.random(3)
         a = np.uint8(255 * (c0 + (c1 - c0) * t))
@@ -833,7 +834,7 @@ def _appearance(image, rng, dtd_root):
     for k in rng.permutation(len(_AUGMENTERS))[:3]:
         im = _AUGMENTERS[k](im, rng)
     a = np.asarray(im)
-    if not dtd_root and a is not image:   # self copies: shuffle 8 vertical, then 8 horizontal strips
+    if self_copy:   # shuffle 8 vertical, then 8 horizontal strips, so no part stays in place
         for axis in (1, 0):
             parts = np.array_split(a, 8, axis)
             a = np.concatenate([parts[i] for i in rng.permutation(8)], axis)
@@ -852,7 +853,7 @@ def perlin_anomaly(sample, rng, p=0.5, beta=(0.2, 0.8), dtd_root='', fg=None):
         for _ in range(50):   # redraw empty masks, as DRAEM and DiffusionAD do
             noise = perlin_noise(rng, h, w, 2 ** rng.integers(0, 6, 2))
             m = ndimage.rotate(noise, rng.uniform(-90, 90), reshape=False, order=1) > 0.5
-            m = m * (1 if fg is None else np.asarray(fg))
+            m = m & (True if fg is None else np.asarray(fg) > 0.5)
             if m.any():
                 mask = m.astype(np.float32)
                 break
