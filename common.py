@@ -462,14 +462,22 @@ def _list(data, root, cat, split):
 
 def _read(src, size, mask=False):
     """An image file or an in-memory uint8 array -> (3,size,size) RGB uint8 (bilinear), or a
-    (1,size,size) {0,1} mask (nearest, binarised > 0: VisA's class-id masks become binary)."""
+    (1,size,size) {0,1} mask (nearest, any raw value > 0 of any colour channel: VisA's class-id
+    masks and RGB masks become binary). 16-bit images are scaled to 8 bits, not clipped."""
     try:
         im = Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)
-        im = im.convert('L' if mask else 'RGB').resize((size, size), Image.NEAREST if mask else Image.BILINEAR)
+        if mask:
+            a = np.asarray(im.resize((size, size), Image.NEAREST))
+            a = (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a   # ignore alpha
+            return (a > 0).astype(np.uint8)[None]
+        if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale
+            a = np.asarray(im, np.float64)
+            a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a * 255 if a.max() <= 1 else a
+            im = Image.fromarray(np.uint8(np.clip(np.round(a), 0, 255)))
+        im = im.convert('RGB').resize((size, size), Image.BILINEAR)
     except (OSError, ValueError) as e:
         raise UserError(f'cannot read {src}: {e}')
-    a = np.asarray(im)
-    return (a > 0).astype(np.uint8)[None] if mask else a.transpose(2, 0, 1)
+    return np.asarray(im).transpose(2, 0, 1)
 
 
 class ADDataset(torch.utils.data.Dataset):

@@ -116,6 +116,7 @@ def mvtec_tree(root, cats=('bottle', 'screw')):
         _img(f'{root}/{c}/train/good/001.png', mode='RGBA')                 # RGBA
         _img(f'{root}/{c}/train/good/002.png', size=(64, 20))               # non-square
         _img(f'{root}/{c}/train/good/003.jpg')                              # JPG
+        Image.fromarray(np.full((30, 40), 30000, np.uint16)).save(f'{root}/{c}/train/good/004.png')  # 16 bit
         _img(f'{root}/{c}/test/good/000.png')
         _img(f'{root}/{c}/test/crack/000.png', value=200)
         _mask(f'{root}/{c}/ground_truth/crack/000_mask.png')
@@ -134,8 +135,19 @@ def test_mvtec_like_loader(tmp_path):
     s = test[0]
     assert s['image'].shape == (3, 32, 32) and 0 <= s['image'].min() and s['image'].max() <= 1
     train, val = (common.load_dataset(_cfg('folder', root, 'screw'), k) for k in ('train', 'val'))
-    assert len(train) == 3 and len(val) == 1 and not set(train.paths) & set(val.paths)
+    assert len(train) == 4 and len(val) == 1 and not set(train.paths) & set(val.paths)
+    every = torch.cat([train.images, val.images])
+    assert every.float().mean((1, 2, 3)).sort().values.tolist() == pytest.approx([100] * 4 + [117], abs=1)  # 16 bit scaled
     assert common.load_dataset(_cfg('folder', root, 'screw', seed=0), 'val').paths == val.paths
+
+
+def test_mask_files_in_any_mode_are_binarised(tmp_path):
+    for name, im in (('rgb', Image.new('RGB', (20, 20), (0, 0, 0))), ('la', Image.new('LA', (20, 20), (0, 255))),
+                     ('p', Image.new('P', (20, 20), 0)), ('i16', Image.fromarray(np.zeros((20, 20), np.uint16)))):
+        im.paste(2 if name == 'p' else (9, 0, 0) if name == 'rgb' else (7, 255) if name == 'la' else 5, (5, 5, 10, 10))
+        im.save(tmp_path / f'{name}.png')
+        m = common._read(str(tmp_path / f'{name}.png'), 20, mask=True)
+        assert m.shape == (1, 20, 20) and m.sum() == 25 and m[0, 5:10, 5:10].all(), name
 
 
 def test_folder_without_masks_gives_image_metrics_only(tmp_path):
