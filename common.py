@@ -212,9 +212,11 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def print0(*args, **kwargs):
+def print0(*args):
+    """print on rank 0 only, through tqdm so that an active progress bar is not garbled."""
     if rank_world()[0] == 0:
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+        tqdm.write(' '.join(str(a) for a in args))
 
 
 def dist_setup(cfg):
@@ -985,14 +987,21 @@ def compute_metrics(labels, scores, masks=None, maps=None):
 
 
 def gaussian_blur(x, sigma):
-    """Separable Gaussian blur of (B,C,H,W), truncated at 4 sigma, reflect padding."""
+    """Separable Gaussian blur of (B,C,H,W), truncated at 4 sigma, with scipy.ndimage's default
+    'reflect' border (the edge pixel repeats: d c b a | a b c d)."""
     if sigma <= 0:
         return x
-    r = min(int(4 * sigma + 0.5), x.shape[-1] - 1, x.shape[-2] - 1)
+    r = int(4 * sigma + 0.5)
     k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma ** 2))
     k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode='reflect'), k, groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode='reflect'), k.transpose(2, 3), groups=x.shape[1])
+    for dim in (-1, -2):
+        n = x.shape[dim]
+        idx = torch.arange(-r, n + r, device=x.device)
+        idx = torch.where(idx < 0, -idx - 1, torch.where(idx >= n, 2 * n - idx - 1, idx)).remainder(2 * n)
+        idx = torch.where(idx >= n, 2 * n - idx - 1, idx)        # fold again for r > n
+        x = F.conv2d(x.index_select(dim, idx), k if dim == -1 else k.transpose(2, 3), groups=x.shape[1])
+    return x
+
 
 # -----------------------------------------------------------------------------
 # frozen backbones: pretrained weights from a local source only, or BatchNorm-recalibrated random
@@ -1036,7 +1045,10 @@ def load_pretrained(net, name, weights):
 def recalibrate_bn(net, batches):
     """Re-estimate the BatchNorm statistics of a random-initialised backbone on normal training
     images (cumulative average). Without it, random EfficientNet-B4 features shrink layer by layer
-    (std ~1e-9 at stride 16). Only BatchNorm layers switch to train mode (no stochastic depth)."""
+    (std ~1e-9 at stride 16). Only BatchNorm layers switch to train mode (no stochastic depth).
+    The batches must be shuffled samples of the whole training set: the running variance averages
+    per-batch variances, so batches of one category each miss the variance between categories
+    (features then come out hundreds of times too large)."""
     bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     net.eval()
     for m in bns:

@@ -5,6 +5,7 @@ $ python eval.py out/omiad_synthetic_all_tiny_s0/ckpt.pt            # evaluate a
 $ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS may be overridden
 $ python eval.py --compare out/                                     # one table over all runs
 $ python eval.py --predict out/<run>/ckpt.pt image.png              # score + heatmap, one image
+                                          #   (--category NAME for a multi-class model)
 $ python eval.py --bench omiad --preset paper --device cuda         # parameters, FLOPs, speed
 $ python eval.py --bench metrics                                    # speed of the pixel metrics
 $ python eval.py --baselines --data synthetic                       # the mean and zscore baselines
@@ -275,12 +276,16 @@ def compare(root):
 
 
 @torch.no_grad()
-def predict(ckpt, image_path, out=''):
-    """Score one image with a trained model; writes image | map overlay to out (.png)."""
+def predict(ckpt, image_path, out='', category=''):
+    """Score one image with a trained model; writes image | map overlay to out (.png). category
+    names the image's category for models trained on several (class-conditioned ones need it)."""
     model, _ = _load(ckpt)
+    cats = common.categories(model.cfg['data'], model.cfg['data_root']) if model.cfg['category'] == 'all' else [model.cfg['category']]
+    if category and category not in cats:
+        raise UserError(f"unknown category {category!r} for this model; valid: {', '.join(cats)}")
+    cls = torch.tensor([cats.index(category) if category else 0], device=_device(model))
     x = torch.tensor(common._read(image_path, model.cfg['image_size'])).float()[None] / 255
-    o = model.predict(dict(image=x.to(_device(model)), cls=torch.zeros(1, dtype=torch.long, device=_device(model)),
-                           path=[os.path.basename(image_path)]))
+    o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[os.path.basename(image_path)]))
     amap = o['map'][0].float().cpu().numpy()
     out = out or os.path.splitext(os.path.basename(image_path))[0] + '_heatmap.png'
     Image.fromarray(_panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap,
@@ -358,9 +363,14 @@ def main(argv=None):
     elif argv[0] == '--compare':
         return compare(argv[1] if len(argv) > 1 else 'out')
     elif argv[0] == '--predict':
-        if len(argv) < 3:
-            raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png]')
-        return predict(*argv[1:4])
+        rest = [a for a in argv[1:] if not a.startswith('--category')]
+        category = next((a.split('=', 1)[1] for a in argv if a.startswith('--category=')), '')
+        if '--category' in argv[:-1]:
+            category = argv[argv.index('--category') + 1]
+            rest.remove(category)
+        if len(rest) < 2:
+            raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png] [--category NAME]')
+        return predict(*rest[:3], category=category)
     elif argv[0] == '--bench':
         if len(argv) < 2:
             raise UserError(f"usage: python eval.py --bench METHOD [--preset paper]; methods: {', '.join(common.METHODS)}")

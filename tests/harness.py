@@ -1,0 +1,49 @@
+"""
+harness.py: runs one method's train() in a subprocess for the scale-out and failure tests.
+
+  python tests/harness.py METHOD DUMP_DIR [--nan_at STEP] -- [method options]
+  torchrun --standalone --nproc_per_node=2 tests/harness.py METHOD DUMP_DIR -- [method options]
+
+Each rank writes DUMP_DIR/rank<r>.pt: its final state_dict and the paths that rank passed to
+torch.save (so a test can check that only rank 0 writes). --nan_at STEP makes the loss seen by
+common.check_finite NaN from that step on (the training must stop with a one-line error and keep
+its last good checkpoint). Errors for people exit with code 2, as in the method scripts.
+"""
+import importlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+def main():
+    args, method_argv = sys.argv[1:sys.argv.index('--')], sys.argv[sys.argv.index('--') + 1:]
+    method, dump = args[0], args[1]
+    nan_at = int(args[args.index('--nan_at') + 1]) if '--nan_at' in args else None
+    module = importlib.import_module(method)
+    writes, real_save = [], torch.save
+
+    def recording_save(obj, f, *a, **k):
+        writes.append(str(getattr(f, 'name', f)))
+        return real_save(obj, f, *a, **k)
+    torch.save = recording_save
+    if nan_at is not None:
+        real_check = common.check_finite
+        common.check_finite = lambda loss, step, path: real_check(
+            loss * float('nan') if step >= nan_at else loss, step, path)
+    cfg = common.get_config(module.config, module.PRESETS, method_argv, module.__file__)
+    rank, world = common.dist_setup(cfg)
+    try:
+        model, _ = module.train(cfg)
+        os.makedirs(dump, exist_ok=True)
+        real_save(dict(state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                       writes=writes, rank=rank, world=world), os.path.join(dump, f'rank{rank}.pt'))
+    finally:
+        common.dist_teardown()
+
+
+if __name__ == '__main__':
+    common.cli(main)
