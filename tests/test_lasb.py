@@ -1,0 +1,209 @@
+"""Tests of lasb.py: the I2SB closed forms against their derivations, the sampler with an oracle
+network, the VQ straight-through gradient and codebook restarts, and the training/inference contract
+(save/load in a fresh process, batch-size invariance, exact resume across both stages)."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import lasb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a micro model on one synthetic category at 32 px (latents 8x8x3); seconds per training run
+MICRO = ('--category weave --image_size 32 --ae_ch 8 --n_embed 32 --vq_restart 2 --ch 8 --ch_mult 1,2 '
+         '--attn_res 4 --num_heads 2 --backbone resnet18 --ae_batch_size 4 --batch_size 4 --nfe 4 '
+         '--ckpt_interval 2 --log_interval 2').split()
+
+
+def micro_cfg(out_dir, *extra):
+    argv = MICRO + ['--out_dir', str(out_dir)] + list(extra)
+    return common.get_config(lasb.config, lasb.PRESETS, argv, lasb.__file__)
+
+
+def paper_bridge():
+    return lasb.Bridge(dict(T=1000, beta_min=0.1, beta_max=0.3))
+
+
+def test_schedule_symmetry_and_endpoints():
+    s = lasb.bridge_schedule(1000, 0.1, 0.3)                      # float64, as I2SB computes it
+    assert np.array_equal(s['betas'], s['betas'][::-1])           # small at both ends
+    assert s['betas'][0] == pytest.approx(1e-4) and s['betas'].max() < 0.3 / 1000
+    np.testing.assert_allclose(s['std_fwd'], s['std_bwd'][::-1], rtol=1e-12)
+    total = math.sqrt(s['betas'].sum())                           # sum beta = 0.1410 (spec 1.3)
+    assert s['std_fwd'][0] == pytest.approx(0.01) and s['std_bwd'][-1] == pytest.approx(0.01)
+    assert s['std_fwd'][-1] == pytest.approx(total) and s['std_bwd'][0] == pytest.approx(total)
+    assert total == pytest.approx(0.37554, abs=1e-4)
+    np.testing.assert_allclose(s['mu0'] + s['mu1'], 1.0, rtol=1e-12)
+    assert s['std_sb'].argmax() in (499, 500) and s['std_sb'].max() == pytest.approx(0.18789, abs=1e-4)
+    b = paper_bridge()                                            # the model keeps float32 buffers
+    assert all(v.dtype == torch.float32 for v in b.buffers())
+    assert lasb.space_indices(1000, 101)[:3] == [0, 10, 20] and lasb.space_indices(1000, 101)[-1] == 999
+    with pytest.raises(common.UserError):
+        lasb.bridge_schedule(999, 0.1, 0.3)
+
+
+def marginal_after_posterior(s, prev, n):
+    """z_n = mu0[n] z0 + mu1[n] z1 + std_sb[n] eps, then z_prev = a z0^ + b z_n + sqrt(var) eps' with
+    z0^ = z0: the coefficients of z0 and z1 and the noise std of z_prev, and those of the marginal."""
+    a, b, var = s.coef(prev, n)
+    mu0, mu1, sb = float(s.mu0[n]), float(s.mu1[n]), float(s.std_sb[n])
+    return ([a + b * mu0, b * mu1, math.sqrt(b * b * sb * sb + var)],
+            [float(s.mu0[prev]), float(s.mu1[prev]), float(s.std_sb[prev])])
+
+
+def test_posterior_maps_marginal_to_marginal():
+    # Eq. 4 composed with Eq. 11 at step n gives Eq. 11 at step n-1, for every n. Not exact: I2SB's
+    # std_fwd^2 and std_bwd^2 both contain beta_n, so the composition uses sum(beta) + beta_n where the
+    # marginal at n-1 has sum(beta) + beta_{n-1}; relative error (beta_n - beta_{n-1}) / std_bwd^2 <= 7e-4.
+    s = paper_bridge()
+    got, want = zip(*(marginal_after_posterior(s, n - 1, n) for n in range(1, 1000)))
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-3)
+    # the sampler's strided steps (nfe 100): the same, with a 10x larger beta difference at the ends
+    steps = lasb.space_indices(1000, 101)
+    got, want = zip(*(marginal_after_posterior(s, p, n) for p, n in zip(steps[:-1], steps[1:])))
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-3)
+
+
+def test_oracle_network_recovers_z0():
+    s, g = paper_bridge(), torch.Generator().manual_seed(0)
+    z0 = torch.randn(4, 3, 16, 16, generator=g)                   # unit-scale normal latents
+    z1 = z0 + 2 * torch.randn(4, 3, 16, 16, generator=g)          # far-away anomalous latents
+    oracle = lambda z, n: (z - z0) / s.std_fwd[n]                 # the exact Eq. 12 label
+    out = s.sample(oracle, z1, 100, lambda: torch.randn(z0.shape, generator=g))
+    rms = (out - z0).pow(2).mean().sqrt()
+    assert rms < s.std_fwd[0]                                     # 0.0033 < 0.01 (spec 1.4)
+    wrong = s.sample(lambda z, n: torch.zeros_like(z), z1, 100, lambda: torch.randn(z0.shape, generator=g))
+    assert (wrong - z0).pow(2).mean().sqrt() > 1                  # a useless net does not get there
+
+
+def test_label_inverts_to_z0():
+    s, g = paper_bridge(), torch.Generator().manual_seed(1)
+    z0, z1 = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
+    n = torch.tensor([0, 1, 10, 250, 500, 750, 998, 999])
+    zt = s.q_sample(n, z0, z1, torch.randn(8, 3, 8, 8, generator=g))
+    label = s.label(n, z0, zt)
+    torch.testing.assert_close(zt - s.std_fwd[n].view(-1, 1, 1, 1) * label, z0, rtol=0, atol=1e-5)
+
+
+def test_vq_straight_through_and_nearest_code():
+    vq = lasb.VectorQuantizer(16, 3, beta=0.25, decay=0.99, restart=5)
+    h = torch.randn(2, 3, 4, 4, requires_grad=True)
+    q, commit, idx = vq(h)
+    dist = ((h.detach().permute(0, 2, 3, 1)[..., None, :] - vq.embed) ** 2).sum(-1)
+    assert torch.equal(idx, dist.argmin(-1))                      # nearest codebook vector
+    torch.testing.assert_close(q, vq.embed[idx].permute(0, 3, 1, 2))   # forward: the code
+    w = torch.randn_like(q)
+    grad, = torch.autograd.grad((q * w).sum(), h)                 # backward: identity (straight through)
+    assert torch.equal(grad, w)
+    grad, = torch.autograd.grad(commit, h)                        # commitment pulls h to sg(e)
+    torch.testing.assert_close(grad, 0.25 * 2 * (h - q).detach() / h.numel())
+
+
+def test_codebook_ema_and_dead_code_restart():
+    vq = lasb.VectorQuantizer(8, 3, beta=0.25, decay=0.5, restart=3)
+    h = torch.randn(2, 3, 4, 4) * 0.1 + 5.0                       # encoder outputs far from N(0,1) codes
+    for step in range(3):
+        vq.update(h, vq.codes(h), torch.Generator().manual_seed(step))
+    flat = h.permute(0, 2, 3, 1).reshape(-1, 3)
+    nearest = torch.cdist(vq.embed, flat).min(1).values
+    assert (nearest < 1).all()                                    # every code restarted onto the data
+    assert len(vq.codes(h).unique()) > 1                          # no collapse onto one code
+
+
+def test_bridge_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = micro_cfg('/tmp/unused')
+    net, s = lasb.UNet(cfg), lasb.Bridge(cfg)
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
+    n = torch.randint(1000, (8,), generator=g)
+    zt = s.q_sample(n, z0, z1, torch.randn(8, 3, 8, 8, generator=g))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = F.mse_loss(net(zt, s.t_net[n]), s.label(n, z0, zt))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """Both stages straight through (4 + 4 steps), checkpoints every 2 steps."""
+    cfg = micro_cfg(tmp_path_factory.mktemp('straight'), '--ae_steps', '4', '--steps', '4')
+    model, seconds = lasb.train(cfg)
+    test = common.load_dataset(model.cfg, 'test')
+    idx = [0, 1, 50, 99]                                          # normal and anomalous images
+    batch = dict(image=torch.stack([test[i]['image'] for i in idx]), cls=torch.zeros(4, dtype=torch.long),
+                 path=[test.paths[i] for i in idx])
+    return model, cfg, batch
+
+
+def test_predict_outputs(trained):
+    model, cfg, batch = trained
+    out = model.predict(batch)
+    assert out['map'].shape == (4, 32, 32) and out['score'].shape == (4,)
+    assert torch.isfinite(out['map']).all() and (out['map'] >= 0).all()
+    assert out['recon'].shape == (4, 3, 32, 32) and 0 <= out['recon'].min() and out['recon'].max() <= 1
+    assert out['nfe']['unet'] == 4 and set(out['scores']) == {'feature', 'pixel'}
+    ckpt = common.read_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
+    assert ckpt['stage'] == 2 and ckpt['step'] == 4
+    assert ckpt['model']['ae.vq.usage'].sum() == 144 * 8 * 8      # codebook usage is in the checkpoint
+
+
+def test_batch_size_invariance(trained):
+    model, cfg, batch = trained
+    together = model.predict(batch)
+    alone = [model.predict(dict(image=batch['image'][i:i + 1], cls=batch['cls'][i:i + 1],
+                                path=batch['path'][i:i + 1])) for i in range(4)]
+    torch.testing.assert_close(together['score'], torch.cat([o['score'] for o in alone]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(together['map'], torch.cat([o['map'] for o in alone]), rtol=1e-4, atol=1e-6)
+    model.cfg['n_samples'] = 2                                    # averaging samples changes the map
+    try:
+        assert not torch.equal(model.predict(batch)['map'], together['map'])
+    finally:
+        model.cfg['n_samples'] = 1
+
+
+def test_identical_predictions_in_a_fresh_process(trained, tmp_path):
+    model, cfg, batch = trained
+    torch.save(dict(image=batch['image'], path=batch['path']), tmp_path / 'batch.pt')
+    script = ("import torch, common, lasb\n"
+              f"model, _ = common.load({os.path.join(cfg['out_dir'], 'ckpt.pt')!r}, lasb.Model)\n"
+              f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+              "out = model.predict(dict(image=b['image'], cls=torch.zeros(4, dtype=torch.long), path=b['path']))\n"
+              f"torch.save(dict(map=out['map'], score=out['score']), {str(tmp_path / 'out.pt')!r})\n")
+    subprocess.run([sys.executable, '-c', script], cwd=ROOT, check=True, capture_output=True)
+    fresh, here = torch.load(tmp_path / 'out.pt'), model.predict(batch)
+    assert torch.equal(fresh['score'], here['score']) and torch.equal(fresh['map'], here['map'])
+
+
+def test_exact_resume_across_both_stages(trained, tmp_path):
+    model, cfg, _ = trained
+    lasb.train(micro_cfg(tmp_path, '--ae_steps', '2', '--steps', '0'))             # stop inside stage 1
+    lasb.train(micro_cfg(tmp_path, '--ae_steps', '4', '--steps', '2', '--resume'))  # ... inside stage 2
+    resumed, _ = lasb.train(micro_cfg(tmp_path, '--ae_steps', '4', '--steps', '4', '--resume'))
+    a, b = model.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)                # AE, codebook, scale, EMA bridge
+    ca, cb = (common.read_checkpoint(os.path.join(d, 'ckpt.pt')) for d in (cfg['out_dir'], tmp_path))
+    assert all(torch.equal(ca['net'][k], cb['net'][k]) for k in ca['net'])   # raw bridge weights
+    assert cb['stage'] == 2 and cb['step'] == 4
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(common.UserError, match='nfe'):
+        lasb.Model(micro_cfg(tmp_path, '--nfe', '1000'))
+    with pytest.raises(common.UserError, match='latent'):
+        lasb.Model(micro_cfg(tmp_path, '--latent', 'kl'))
+    with pytest.raises(common.UserError, match='no checkpoint'):
+        lasb.train(micro_cfg(tmp_path, '--resume'))
+    shutil.rmtree(tmp_path, ignore_errors=True)
