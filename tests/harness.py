@@ -1,16 +1,17 @@
 """
 harness.py: runs one method's train() in a subprocess for the scale-out and failure tests.
 
-  python tests/harness.py METHOD DUMP_DIR [--nan_at STEP] -- [method options]
+  python tests/harness.py METHOD DUMP_DIR [--kill_at N] -- [method options]
   torchrun --standalone --nproc_per_node=2 tests/harness.py METHOD DUMP_DIR -- [method options]
 
 Each rank writes DUMP_DIR/rank<r>.pt: its final state_dict and the paths that rank passed to
-torch.save (so a test can check that only rank 0 writes). --nan_at STEP makes the loss seen by
-common.check_finite NaN from that step on (the training must stop with a one-line error and keep
-its last good checkpoint). Errors for people exit with code 2, as in the method scripts.
+torch.save (so a test can check that only rank 0 writes). --kill_at N sends the process SIGKILL
+at its N-th loss check: a hard kill at a known point between checkpoints, with no cleanup. Errors
+for people exit with code 2, as in the method scripts.
 """
 import importlib
 import os
+import signal
 import sys
 
 import torch
@@ -22,7 +23,7 @@ import common  # noqa: E402
 def main():
     args, method_argv = sys.argv[1:sys.argv.index('--')], sys.argv[sys.argv.index('--') + 1:]
     method, dump = args[0], args[1]
-    nan_at = int(args[args.index('--nan_at') + 1]) if '--nan_at' in args else None
+    kill_at = int(args[args.index('--kill_at') + 1]) if '--kill_at' in args else None
     module = importlib.import_module(method)
     writes, real_save = [], torch.save
 
@@ -30,10 +31,14 @@ def main():
         writes.append(str(getattr(f, 'name', f)))
         return real_save(obj, f, *a, **k)
     torch.save = recording_save
-    if nan_at is not None:
-        real_check = common.check_finite
-        common.check_finite = lambda loss, step, path: real_check(
-            loss * float('nan') if step >= nan_at else loss, step, path)
+    real_check, calls = common.check_finite, []
+
+    def check_finite(loss, step, path):
+        calls.append(step)
+        if kill_at is not None and len(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_check(loss, step, path)
+    common.check_finite = check_finite
     cfg = common.get_config(module.config, module.PRESETS, method_argv, module.__file__)
     rank, world = common.dist_setup(cfg)
     try:

@@ -1,0 +1,107 @@
+"""Scale-out and failure behaviour of every method, each run in fresh processes through
+tests/harness.py on a micro configuration (one synthetic category at 32 px, a few steps):
+
+- two ranks under torchrun (gloo on the CPU) finish, hold the same frozen backbone and the same
+  weights, only rank 0 writes, and the checkpoint loads and predicts;
+- a training killed with SIGKILL between checkpoints resumes and ends with exactly the weights of
+  an uninterrupted run of the same seed;
+- a NaN loss stops training with a one-line message and keeps the last good checkpoint.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(ROOT, 'tests', 'harness.py')
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+
+# per method: micro options, and how many loss checks (steps) the run makes. Checkpoints every 2.
+MICRO = {
+    'lasb': ('--category weave --image_size 32 --ae_ch 8 --n_embed 32 --vq_restart 2 --ch 8 --ch_mult 1,2 '
+             '--attn_res 4 --num_heads 2 --backbone resnet18 --ae_batch_size 4 --batch_size 4 --nfe 2 '
+             '--ae_steps 3 --steps 3 --ckpt_interval 2 --log_interval 2', 6),
+}
+METHODS = sorted(MICRO)
+
+
+def harness(method, dump, out_dir, *flags, torchrun=False, extra=()):
+    """Run the harness; returns the CompletedProcess (never raises)."""
+    launcher = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+                if torchrun else [sys.executable])
+    argv = MICRO[method][0].split() + ['--device', 'cpu', '--out_dir', str(out_dir)] + list(extra)
+    return subprocess.run(launcher + [HARNESS, method, str(dump), *flags, '--'] + argv,
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def final_state(dump, rank=0):
+    return torch.load(os.path.join(dump, f'rank{rank}.pt'))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+
+
+def load_and_predict(method, ckpt_path):
+    """The checkpoint loads into a fresh Model and scores two test images (one normal, one not)."""
+    module = __import__(method)
+    model, _ = common.load(ckpt_path, module.Model, device='cpu')
+    test = common.load_dataset(model.cfg, 'test')
+    idx = [0, len(test) - 1]
+    batch = dict(image=torch.stack([test[i]['image'] for i in idx]), cls=torch.zeros(2, dtype=torch.long),
+                 path=[test.paths[i] for i in idx])
+    with torch.no_grad():
+        out = model.predict(batch)
+    assert out['score'].shape == (2,) and torch.isfinite(out['score']).all()
+    assert out['map'].shape[0] == 2 and torch.isfinite(out['map']).all()
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_two_ranks_agree_and_only_rank_0_writes(method, tmp_path):
+    run = harness(method, tmp_path / 'dump', tmp_path / 'out', torchrun=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = final_state(tmp_path / 'dump', 0), final_state(tmp_path / 'dump', 1)
+    assert (r0['world'], r1['world']) == (2, 2)
+    assert_same_weights(r0['state'], r1['state'])           # frozen backbone, BN statistics, trained nets
+    assert r1['writes'] == []                                # rank 1 never writes a file
+    ckpt = str(tmp_path / 'out' / 'ckpt.pt')
+    assert any(w.startswith(ckpt) for w in r0['writes'])     # common.save writes ckpt.pt.tmp, then renames
+    load_and_predict(method, ckpt)
+
+
+def micro_cfg(method, out_dir, *extra):
+    module = __import__(method)
+    argv = MICRO[method][0].split() + ['--device', 'cpu', '--out_dir', str(out_dir)] + list(extra)
+    return module, common.get_config(module.config, module.PRESETS, argv, module.__file__)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_killed_training_resumes_to_the_same_weights(method, tmp_path):
+    steps = MICRO[method][1]
+    module, cfg = micro_cfg(method, tmp_path / 'straight')
+    straight, _ = module.train(cfg)
+    killed = harness(method, tmp_path / 'dump', tmp_path / 'killed', '--kill_at', str(steps - 1))
+    assert killed.returncode == -9                           # SIGKILL between checkpoints: no cleanup ran
+    assert common.read_checkpoint(str(tmp_path / 'killed' / 'ckpt.pt'))['step'] > 0   # an earlier one is intact
+    resumed, _ = module.train(micro_cfg(method, tmp_path / 'killed', '--resume')[1])
+    assert_same_weights(straight.state_dict(), resumed.state_dict())
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(method, tmp_path, monkeypatch):
+    real_check = common.check_finite
+    monkeypatch.setattr(common, 'check_finite', lambda loss, step, path: real_check(
+        loss * float('nan') if step >= 2 else loss, step, path))
+    module, cfg = micro_cfg(method, tmp_path)
+    with pytest.raises(common.UserError, match='loss is nan at step 2.*last good checkpoint'):
+        module.train(cfg)
+    ckpt = common.read_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert ckpt['step'] == 2                                 # written after step 2, before the NaN
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    load_and_predict(method, str(tmp_path / 'ckpt.pt'))
