@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -298,7 +299,8 @@ def predict(ckpt, image_path, out='', category=''):
 
 def bench(method, argv):
     """Cost of a method at any preset with random weights: parameters per network, FLOPs per
-    image (torch FlopCounterMode), NFE, and ms/image of predict at batch 1 and 32."""
+    image (torch FlopCounterMode), NFE, and ms/image of predict at batch 1 and 32, with the share
+    spent in network passes (the rest is pipeline overhead)."""
     from torch.utils.flop_counter import FlopCounterMode
     if method == 'metrics':
         return bench_metrics()
@@ -316,16 +318,48 @@ def bench(method, argv):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         nfe = model.predict(batch(1)).get('nfe', {})
     print(f'{counter.get_total_flops() / 1e9:.1f} GFLOPs/image | NFE {nfe}')
+    device, ms = torch.device(cfg['device']), {}
     for b in (1, 32):
         x = batch(b)
         with torch.no_grad():
-            model.predict(x)
-            _sync(torch.device(cfg['device']))
-            t0 = time.perf_counter()
-            model.predict(x)
-            _sync(torch.device(cfg['device']))
-        print(f'batch {b}: {1000 * (time.perf_counter() - t0) / b:.1f} ms/image on {cfg["device"]}')
-    return dict(params=params, flops=counter.get_total_flops(), nfe=nfe)
+            model.predict(x)                                     # warm-up
+            total, net = _timed_predict(model, x, device)
+        ms[b] = (1000 * total / b, 1000 * net / b)
+        print(f'batch {b}: {ms[b][0]:.1f} ms/image on {device}, of which network passes {ms[b][1]:.1f} ms '
+              f'(pipeline overhead {100 * (1 - net / total):.0f}%)')
+    return dict(params=params, flops=counter.get_total_flops(), nfe=nfe, ms=ms)
+
+
+def _timed_predict(model, x, device):
+    """Seconds of one predict(x), and the part spent inside network calls: the outermost nn.Module
+    calls below the model (every network pass, whatever the method names them). The rest is the
+    pipeline: schedules, noise, resizing, blur, scoring."""
+    depth, spent, t0 = [0], [0.0], [0.0]
+
+    def enter(module, args):
+        if module is not model:
+            if depth[0] == 0:
+                _sync(device)
+                t0[0] = time.perf_counter()
+            depth[0] += 1
+
+    def leave(module, args, out):
+        if module is not model:
+            depth[0] -= 1
+            if depth[0] == 0:
+                _sync(device)
+                spent[0] += time.perf_counter() - t0[0]
+    hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
+             nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        model.predict(x)
+        _sync(device)
+        return time.perf_counter() - start, spent[0]
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def bench_metrics(n=100, size=256):

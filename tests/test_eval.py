@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -170,3 +171,24 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
             assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count('\n') == 1, p.stderr
         else:
             assert p.returncode == 2 and "unknown method 'nomethod'" in p.stderr, p.stderr
+
+
+def test_bench_counts_parameters_flops_and_separates_network_time(capsys):
+    r = E.bench('toy_method', ['--device', 'cpu'])
+    assert r['params'] == {'net': (3 * 9 * 8 + 8) + (8 * 9 * 3 + 3)}
+    assert r['flops'] == 2 * 32 * 32 * (3 * 9 * 8 + 8 * 9 * 3)   # two 3x3 convolutions at 32x32, batch 1
+    assert r['nfe'] == {'net': 1} and set(r['ms']) == {1, 32}
+    assert all(0 < net <= total for total, net in r['ms'].values())
+
+    class Slow(torch.nn.Module):           # one network pass, then 20 ms of pipeline outside any network
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Conv2d(3, 3, 1)
+
+        def predict(self, batch):
+            out = self.net(batch['image'])
+            time.sleep(0.02)
+            return out
+    model, x = Slow(), torch.rand(1, 3, 8, 8)
+    total, spent = E._timed_predict(model, dict(image=x), torch.device('cpu'))
+    assert 0 < spent < 0.01 and total >= spent + 0.02
