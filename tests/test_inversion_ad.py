@@ -1,0 +1,215 @@
+"""Tests of inversion_ad.py: the DDIM inversion algebra, the official timestep lists, NFE, both score
+normalisations, BatchNorm recalibration, save/load in a fresh process, exact resume, CLI errors.
+CPU, offline, seeded; a tiny model (the weight-free pixels backbone, 32 px images, a 4x4 feature grid)
+keeps the file fast; the EfficientNet-B4 features themselves are checked in the BatchNorm test."""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import inversion_ad as ia
+
+TINY = ['--preset', 'tiny', '--category', 'weave', '--backbone', 'pixels', '--image_size', '32',
+        '--feature_size', '4', '--channels', '32', '--channel_mult', '1,2', '--attn_ds', '2', '--num_heads', '2',
+        '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '1', '--ckpt_interval', '100', '--device', 'cpu']
+
+
+def tiny_cfg(out_dir, *extra):
+    return common.get_config(ia.config, ia.PRESETS, TINY + ['--out_dir', str(out_dir), *extra], ia.__file__)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny model trained for one epoch (18 steps), and a fixed test batch."""
+    out = tmp_path_factory.mktemp('inv')
+    model, _ = ia.train(tiny_cfg(out))
+    test = common.load_dataset(model.cfg, 'test')
+    idx = [0, 1, 39, 40, 41, 99]                                               # normal and anomalous
+    batch = dict(image=torch.stack([test[i]['image'] for i in idx]), cls=torch.zeros(6, dtype=torch.long),
+                 path=[test.paths[i] for i in idx])
+    return model, batch, out
+
+
+def test_inversion_step_and_ddim_step_are_exact_inverses():
+    g = torch.Generator().manual_seed(0)
+    abar = ia.linear_abar(1000)
+    x, eps = (torch.randn(4, 8, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    for t, t_next in [(0, 999), (0, 1), (333, 666), (500, 999), (998, 999)]:
+        a, b = abar[t].item(), abar[t_next].item()
+        torch.testing.assert_close(ia.ddim_step(ia.inversion_step(x, eps, a, b), eps, b, a), x, rtol=0, atol=1e-10)
+        torch.testing.assert_close(ia.inversion_step(ia.ddim_step(x, eps, b, a), eps, a, b), x, rtol=0, atol=1e-10)
+
+
+def test_full_pass_with_constant_network_is_invertible():
+    """Through the code's timestep list (Eq. 15) and back (Eq. 12) with eps_theta = const: exact.
+    The official last step to abar_next = 0 returns eps_theta(x_999, 999) itself (a read-out,
+    which discards x, so it has no inverse): check that identity too."""
+    g = torch.Generator().manual_seed(1)
+    abar = ia.linear_abar(1000).tolist()
+    z0 = torch.randn(2, 6, 4, 4, generator=g, dtype=torch.float64)
+    c = torch.randn(6, 4, 4, generator=g, dtype=torch.float64)
+    const = lambda x, t: c.expand_as(x)
+    for S in ia.S_RANGE:
+        ts = ia.inversion_timesteps(S)
+        x999 = ia.invert(const, z0, ts, abar, prior_step=False)
+        torch.testing.assert_close(ia.ddim_sample(const, x999, ts, abar), z0, rtol=0, atol=1e-10)
+        assert torch.equal(ia.invert(const, z0, ts, abar), c.expand_as(z0))
+
+
+def test_timestep_lists_and_range():
+    assert ia.inversion_timesteps(2) == [0, 999]
+    assert ia.inversion_timesteps(3) == [0, 500, 999]
+    assert ia.inversion_timesteps(4) == [0, 333, 666, 999]
+    assert ia.inversion_timesteps(5) == [0, 250, 500, 749, 999]
+    for S in (0, 1, 11):
+        with pytest.raises(common.UserError, match='2..10'):
+            ia.inversion_timesteps(S)
+
+
+def test_paper_unet_size():
+    cfg = dict(ia.config, **ia.PRESETS['paper'])
+    unet = ia.UNet(272, cfg['channels'], cfg['channel_mult'], cfg['num_res_blocks'], cfg['attn_ds'], cfg['num_heads'])
+    n = sum(p.numel() for p in unet.parameters())
+    assert abs(n / 121.6e6 - 1) < 0.02, n                                     # official v1 UNetModel: 121.6 M
+
+
+def test_bn_recalibration_gives_nondegenerate_features():
+    torch.manual_seed(0)
+    model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], backbone='efficientnet_b4', image_size=64,
+                                            feature_size=4, channels=32)))
+    x = torch.rand(8, 3, 64, 64)
+    before = model.features(x)
+    common.recalibrate_bn(model.backbone, [model.normalise(x)])
+    after = model.features(x)
+    assert after.shape == (8, 272, 4, 4)
+    stage = np.cumsum([0, 24, 32, 56, 160])
+    for a, b in zip(stage[:-1], stage[1:]):                                   # every stage, incl. stride 16
+        assert after[:, a:b].std() > 0.1 and torch.isfinite(after).all()
+    assert before[:, 112:].std() < 0.01                                       # random init: features vanish
+
+
+def test_pixels_backbone_features():
+    """'pixels': 4x4 space-to-depth of the (resized) image, each channel standardised per image."""
+    model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], feature_size=4, channels=32)))
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))   # 16 = 4g: no resizing
+    z = model.features(x)
+    assert z.shape == (3, 48, 4, 4) and not list(model.backbone.parameters())
+    u = torch.nn.functional.pixel_unshuffle(model.normalise(x), 4)
+    torch.testing.assert_close(u[0, 16:32, 1, 2], model.normalise(x)[0, 1, 4:8, 8:12].flatten())  # layout
+    torch.testing.assert_close(z, (u - u.mean((2, 3), keepdim=True)) / (u.std((2, 3), keepdim=True) + 1e-3))
+    torch.testing.assert_close(z.std((2, 3)), torch.ones(3, 48), atol=1e-2, rtol=0)
+    torch.testing.assert_close(model.features(x[1:2]), z[1:2])               # per image: no batch coupling
+
+
+def test_train_loss_and_nfe(trained):
+    model, batch, _ = trained
+    calls, S0 = [], model.cfg['S']
+    hook = model.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for S in (2, 3, 4, 5):
+            model.cfg['S'], calls[:] = S, []
+            out = model.predict(batch)
+            assert len(calls) == S and out['nfe']['unet'] == S
+    finally:
+        hook.remove()
+        model.cfg['S'] = S0
+    assert out['map'].shape == (6, 32, 32) and out['score'].shape == (6,)
+    assert set(out['scores']) == {'nll', 'spatial'} and torch.isfinite(out['map']).all()
+    model.cfg['S'] = 11
+    with pytest.raises(common.UserError, match='2..10'):
+        model.predict(batch)
+    model.cfg['S'] = S0
+
+
+def test_score_normalisations(trained):
+    model, batch, _ = trained
+    out = model.predict(batch)
+    nll, sp = out['scores']['nll'], out['scores']['spatial']
+    lo_n, hi_n, lo_s, hi_s = model.val_stats[model.cfg['S'] - ia.S_RANGE[0]]   # the row of this S
+    # val: min-max with the validation statistics stored in the checkpoint, per image
+    torch.testing.assert_close(out['score'], (nll - lo_n) / (hi_n - lo_n + 1e-8) + (sp - lo_s) / (hi_s - lo_s + 1e-8))
+    val = common.load_dataset(model.cfg, 'val')
+    v = model.predict(dict(image=torch.stack([val[i]['image'] for i in range(len(val))]),
+                           cls=torch.zeros(len(val), dtype=torch.long), path=val.paths))
+    torch.testing.assert_close(v['scores']['nll'].min(), lo_n)
+    torch.testing.assert_close(v['scores']['spatial'].max(), hi_s)
+    outs = dict(score=out['score'].numpy().copy(), scores={k: x.numpy() for k, x in out['scores'].items()})
+    model.cfg['score_norm'] = 'val'
+    assert np.array_equal(model.postprocess(dict(outs, score=outs['score'].copy()))['score'], outs['score'])
+    # test: min-max over the evaluated set (official); the extremes of each term map to 0 and 1
+    model.cfg['score_norm'] = 'test'
+    s = model.postprocess(dict(outs))['score']
+    n_, s_ = outs['scores']['nll'], outs['scores']['spatial']
+    expect = (n_ - n_.min()) / (n_.max() - n_.min() + 1e-8) + (s_ - s_.min()) / (s_.max() - s_.min() + 1e-8)
+    np.testing.assert_allclose(s, expect, rtol=1e-12)
+    assert 0 <= s.min() and s.max() <= 2
+
+
+def test_batch_size_invariance(trained):
+    model, batch, _ = trained
+    full = model.predict(batch)
+    one = [model.predict(dict(image=batch['image'][i:i + 1], cls=batch['cls'][i:i + 1], path=batch['path'][i:i + 1]))
+           for i in range(6)]
+    # equal up to float32 rounding of batched convolutions (the NLL sums 10^3 squares)
+    torch.testing.assert_close(torch.cat([o['score'] for o in one]), full['score'], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([o['map'] for o in one]), full['map'], rtol=1e-4, atol=1e-4)
+
+
+def test_round_trip_error_of_trained_net(trained):
+    """Report (not assert) how far the S-step inversion and the DDIM sampler are from inverses."""
+    model, batch, _ = trained
+    z0 = model.features(batch['image'])
+    abar = model.abar.tolist()
+    for S in (2, 5, 10):
+        ts = ia.inversion_timesteps(S)
+        with torch.no_grad():
+            back = ia.ddim_sample(model.eps, ia.invert(model.eps, z0, ts, abar, prior_step=False), ts, abar)
+        err = ((back - z0).norm() / z0.norm()).item()
+        warnings.warn(f'report: round-trip error |z0 -> x_999 -> z0| / |z0| of the 1-epoch tiny net, S={S}: {err:.3g}')
+        assert np.isfinite(err)
+
+
+def test_identical_predictions_after_save_load_in_fresh_process(trained, tmp_path):
+    model, batch, out = trained
+    torch.save(batch, tmp_path / 'batch.pt')
+    code = ("import sys, torch, common, inversion_ad as ia; torch.set_num_threads(int(sys.argv[3]));"
+            "m, _ = common.load(sys.argv[1], ia.Model); b = torch.load(sys.argv[2]);"
+            "o = m.predict(b); torch.save(dict(score=o['score'], map=o['map'], nll=o['scores']['nll']), sys.argv[2])")
+    subprocess.run([sys.executable, '-c', code, str(out / 'ckpt.pt'), str(tmp_path / 'batch.pt'),
+                    str(torch.get_num_threads())], check=True, cwd=os.path.dirname(ia.__file__))
+    fresh, here = torch.load(tmp_path / 'batch.pt'), model.predict(batch)
+    assert torch.equal(fresh['score'], here['score']) and torch.equal(fresh['map'], here['map'])
+    assert torch.equal(fresh['nll'], here['scores']['nll'])
+
+
+def test_exact_resume(trained, tmp_path, monkeypatch):
+    """18 steps straight == killed after the checkpoint at step 9, then --resume."""
+    _, _, straight = trained
+    save = common.save
+
+    def save_then_die(path, model, **state):
+        save(path, model, **state)
+        if state['step'] == 9:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common, 'save', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ia.train(tiny_cfg(tmp_path, '--ckpt_interval', '9'))
+    monkeypatch.setattr(common, 'save', save)
+    ia.train(tiny_cfg(tmp_path, '--ckpt_interval', '9', '--resume'))
+    a, b = torch.load(straight / 'ckpt.pt'), torch.load(tmp_path / 'ckpt.pt')
+    assert a['step'] == b['step'] == 18
+    for key in ('model', 'ema'):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(common.UserError, match='2..10'):
+        ia.train(tiny_cfg(tmp_path, '--S', '11'))
+    with pytest.raises(common.UserError, match='S'):
+        common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
