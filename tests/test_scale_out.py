@@ -25,6 +25,9 @@ MICRO = {
     'lasb': ('--category weave --image_size 32 --ae_ch 8 --n_embed 32 --vq_restart 2 --ch 8 --ch_mult 1,2 '
              '--attn_res 4 --num_heads 2 --backbone resnet18 --ae_batch_size 4 --batch_size 4 --nfe 2 '
              '--ae_steps 3 --steps 3 --ckpt_interval 2 --log_interval 2', 6),
+    'inversion_ad': ('--category weave --backbone pixels --image_size 32 --feature_size 4 --channels 32 '
+                     '--channel_mult 1,2 --attn_ds 2 --num_heads 2 --batch_size 24 --epochs 1 --warmup_epochs 1 '
+                     '--S 2 --ckpt_interval 2 --log_interval 2', 6),
 }
 METHODS = sorted(MICRO)
 
