@@ -1,5 +1,5 @@
 """Scale-out and failure behaviour of every method, each run in fresh processes through
-tests/harness.py on a micro configuration (one synthetic category at 32 px, a few steps):
+tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a few steps):
 
 - two ranks under torchrun (gloo on the CPU) finish, hold the same frozen backbone and the same
   weights, only rank 0 writes, and the checkpoint loads and predicts;
@@ -20,14 +20,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, 'tests', 'harness.py')
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
 
-# per method: micro options, and how many loss checks (steps) the run makes. Checkpoints every 2.
+# per method: micro options, and a loss check (a step) after the first checkpoint (every 2 steps) but
+# before the end, where the kill test strikes
 MICRO = {
     'lasb': ('--category weave --image_size 32 --ae_ch 8 --n_embed 32 --vq_restart 2 --ch 8 --ch_mult 1,2 '
              '--attn_res 4 --num_heads 2 --backbone resnet18 --ae_batch_size 4 --batch_size 4 --nfe 2 '
-             '--ae_steps 3 --steps 3 --ckpt_interval 2 --log_interval 2', 6),
+             '--ae_steps 3 --steps 3 --ckpt_interval 2 --log_interval 2', 5),
     'inversion_ad': ('--category weave --backbone pixels --image_size 32 --feature_size 4 --channels 32 '
                      '--channel_mult 1,2 --attn_ds 2 --num_heads 2 --batch_size 24 --epochs 1 --warmup_epochs 1 '
-                     '--S 2 --ckpt_interval 2 --log_interval 2', 6),
+                     '--S 2 --ckpt_interval 2 --log_interval 2', 5),
+    'omiad': ('--category weave --image_size 64 --feat_size 8 --ch 32 --attn_res 4 --heads 2 --batch_size 4 '
+              '--bn_images 16 --val_images 4 --amdm_steps 4 --asd_steps 4 --psi_warmup 1 --adv_start 2 '
+              '--t_init 400 --ckpt_interval 2 --log_interval 2', 4),
 }
 METHODS = sorted(MICRO)
 
@@ -86,10 +90,9 @@ def micro_cfg(method, out_dir, *extra):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_killed_training_resumes_to_the_same_weights(method, tmp_path):
-    steps = MICRO[method][1]
     module, cfg = micro_cfg(method, tmp_path / 'straight')
     straight, _ = module.train(cfg)
-    killed = harness(method, tmp_path / 'dump', tmp_path / 'killed', '--kill_at', str(steps - 1))
+    killed = harness(method, tmp_path / 'dump', tmp_path / 'killed', '--kill_at', str(MICRO[method][1]))
     assert killed.returncode == -9                           # SIGKILL between checkpoints: no cleanup ran
     assert common.read_checkpoint(str(tmp_path / 'killed' / 'ckpt.pt'))['step'] > 0   # an earlier one is intact
     resumed, _ = module.train(micro_cfg(method, tmp_path / 'killed', '--resume')[1])

@@ -1,0 +1,262 @@
+"""Tests of omiad.py: the equations (Eq. 7-8 mask, Eq. 27 SiD loss, the shared-weight
+discriminator), the ASD loop, NFE, checkpoints in a fresh process, batch-size invariance and exact
+resume across both stages. CPU, offline, a few seconds of training on 64 px synthetic images."""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import omiad
+
+TINY = ['--category', 'weave', '--image_size', '64', '--feat_size', '8', '--ch', '32', '--attn_res', '4',
+        '--heads', '2', '--batch_size', '4', '--bn_images', '16', '--val_images', '4', '--amdm_steps', '4',
+        '--asd_steps', '4', '--psi_warmup', '1', '--adv_start', '2', '--log_interval', '2',
+        '--ckpt_interval', '2', '--t_init', '400', '--device', 'cpu']
+
+
+def tiny_cfg(out_dir, *argv):
+    return common.get_config(omiad.config, omiad.PRESETS, TINY + ['--out_dir', str(out_dir), *argv],
+                             omiad.__file__)
+
+
+def batch(n=6, size=64):
+    """n weave test images (normal and anomalous) at size px, with their dataset paths."""
+    images, _, _, paths = common.synthetic('weave', 'test')
+    idx = torch.linspace(0, len(paths) - 1, n).long()
+    x = F.interpolate(torch.as_tensor(images[idx.numpy()]).float() / 255, size=(size, size), mode='bilinear')
+    return dict(image=x, cls=torch.zeros(n, dtype=torch.long), path=[paths[i] for i in idx])
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """One straight training run (4 AMDM + 4 ASD steps); every checkpoint written is also copied."""
+    out = tmp_path_factory.mktemp('straight')
+    saved, save = [], common.save
+
+    def save_and_copy(path, model, **state):
+        save(path, model, **state)
+        saved.append(shutil.copy(path, f"{path}.stage{state['stage']}_step{state['step']}"))
+    common.save = save_and_copy
+    try:
+        model, _ = omiad.train(tiny_cfg(out))
+    finally:
+        common.save = save
+    return model, out, saved
+
+
+def test_mask_probability_eq7():
+    cfg = dict(omiad.config)
+    p = omiad.mask_prob(torch.tensor([0, 250, 500, 1000]), cfg)
+    assert torch.allclose(p, torch.tensor([0.1, 0.1 + 0.3 / 16, 0.175, 0.4]))
+    p3 = omiad.mask_prob(torch.tensor([500]), dict(cfg, kappa=3.0, p_min=0.0, p_max=1.0))
+    assert torch.allclose(p3, torch.tensor([0.125]))
+
+
+@pytest.mark.parametrize('granularity', ['spatial', 'element'])
+def test_mask_statistics_eq8(granularity):
+    cfg = dict(omiad.config, mask=granularity)
+    t = torch.tensor([0] * 200 + [999] * 200)
+    keep = omiad.adaptive_mask((400, 6, 16, 16), t, cfg, torch.Generator().manual_seed(0))
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    assert abs(keep[:200].mean() - 0.9) < 0.005 and abs(keep[200:].mean() - (1 - 0.3997)) < 0.005
+    same_over_channels = bool((keep == keep[:, :1]).all())
+    assert same_over_channels == (granularity == 'spatial')
+
+
+def test_sid_loss_is_eq27_and_sids_x0_loss():
+    g = torch.Generator().manual_seed(0)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    eps_phi, eps_psi, eps, x_g = (torch.randn(3, 5, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    t, alpha = torch.tensor([10, 500, 990]), 1.2
+    loss, _ = omiad.sid_loss(eps_phi, eps_psi, eps, t, abar, alpha)
+    # Eq. 27 by hand, gamma(t) = (sigma^2 / abar) / wf with wf = mean |x_g - x0_hat_phi| (SiD)
+    a = abar[t].view(-1, 1, 1, 1)
+    s = (1 - a).sqrt()
+    x_t = a.sqrt() * x_g + s * eps
+    x_r, x_f = (x_t - s * eps_phi) / a.sqrt(), (x_t - s * eps_psi) / a.sqrt()   # teacher / student x0
+    wf = (x_g - x_r).abs().mean((1, 2, 3), keepdim=True)
+    delta = eps_psi - eps_phi
+    eq27 = ((s ** 2 / a) / wf * (delta * (eps - eps_phi) - alpha * delta ** 2)).mean()
+    sid_code = ((x_r - x_f) * ((x_r - x_g) - alpha * (x_r - x_f)) / wf).mean()   # SiD's x0 form
+    assert torch.allclose(loss, eq27, rtol=1e-9) and torch.allclose(loss, sid_code, rtol=1e-9)
+    # Algorithm 1 line 13 differs from Eq. 15/27 by exactly one gamma ||Delta||^2 term
+    line13 = ((s ** 2 / a) / wf * ((eps_phi - eps_psi) * (eps_psi - eps) - alpha * delta ** 2)).mean()
+    assert torch.allclose(line13 - loss, ((s ** 2 / a) / wf * -delta ** 2).mean(), rtol=1e-9)
+
+
+def test_sid_gradient_matches_x0_form():
+    """The eps-space loss and SiD's x0-space loss give the generator the same gradient."""
+    g = torch.Generator().manual_seed(1)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    W1, W2 = (torch.randn(5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    eps, t = torch.randn(2, 5, 3, 3, generator=g, dtype=torch.float64), torch.tensor([100, 700])
+    a = abar[t].view(-1, 1, 1, 1)
+    grads = []
+    for form in ('eps', 'x0'):
+        x_g = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
+                          requires_grad=True)
+        x_t = a.sqrt() * x_g + (1 - a).sqrt() * eps
+        eps_phi, eps_psi = (torch.einsum('oc,bchw->bohw', W, torch.tanh(x_t)) for W in (W1, W2))
+        if form == 'eps':
+            loss = omiad.sid_loss(eps_phi, eps_psi, eps, t, abar, 1.0)[0]
+        else:
+            x_r, x_f = ((x_t - (1 - a).sqrt() * e) / a.sqrt() for e in (eps_phi, eps_psi))
+            wf = (x_g - x_r).abs().mean((1, 2, 3), keepdim=True).detach()
+            loss = ((x_r - x_f) * ((x_r - x_g) - (x_r - x_f)) / wf).mean()
+        grads.append(torch.autograd.grad(loss, x_g)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-7, atol=1e-12)
+
+
+def test_discriminator_map_shape(tmp_path):
+    cfg = tiny_cfg(tmp_path, '--ch_mult', '1,2,2')
+    net = omiad.UNet(cfg, 272)
+    x, t = torch.randn(3, 272, 8, 8), torch.tensor([0, 500, 990])
+    eps, d = net(x, t, logits=True)
+    assert eps.shape == x.shape and d.shape == (3, 2, 2)            # 8 / 2^(3-1), channel mean
+    assert torch.allclose(net.disc(x, t), d)                       # encoder-only pass, same map
+    assert torch.allclose(d, net.encode(x, t)[0][-1].mean(1))
+
+
+def test_pixel_features_are_space_to_depth(tmp_path):
+    """backbone='pixels': x0[:, 16 c + 4 i + j, y, x] = normalised pixel (c, 4 y + i, 4 x + j)."""
+    model = omiad.Model(tiny_cfg(tmp_path))                          # 64 px in, 8x8 grid -> 32 px
+    image = torch.rand(2, 3, 64, 64)
+    x0 = model.features(image)
+    small = F.interpolate((image - model.pixel_mean) / model.pixel_std, size=(32, 32), mode='bilinear',
+                          antialias=True, align_corners=False)
+    assert x0.shape == (2, 48, 8, 8) and model.backbone is None
+    assert torch.equal(x0[:, 16 * 2 + 4 * 1 + 3, 5, 6], small[:, 2, 4 * 5 + 1, 4 * 6 + 3])
+
+
+def test_random_efficientnet_is_bn_recalibrated_and_saved(tmp_path):
+    """backbone='efficientnet_b4' without weights: BatchNorm statistics re-estimated on training
+    images (so the stage-1 channels come out at unit scale), stored in the model's state dict."""
+    cfg = tiny_cfg(tmp_path, '--backbone', 'efficientnet_b4', '--image_size', '32', '--feat_size', '4')
+    model = omiad.Model(cfg)
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_var.clone()
+    data = common.load_dataset(model.cfg, 'train')
+    omiad.setup_backbone(model, model.cfg, data)
+    assert not torch.equal(before, bn.running_var) and 'random init' in model.cfg['backbone_source']['id']
+    x0 = model.features(data.images[:8].float() / 255)
+    assert x0.shape == (8, 272, 4, 4) and 0.5 < x0[:, :24].std() < 2     # stage 1: unit scale
+    assert any(k.startswith('backbone.') and k.endswith('running_var') for k in model.state_dict())
+
+
+def test_amdm_loss_decreases_on_a_fixed_batch(tmp_path):
+    torch.manual_seed(0)
+    model = omiad.Model(tiny_cfg(tmp_path))
+    x0, net = torch.randn(4, 48, 8, 8), model.teacher.requires_grad_(True)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = omiad.amdm_loss(model, x0, common.generator(0, 'fixed'))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_asd_losses_finite_and_updates_move_networks(tmp_path):
+    torch.manual_seed(0)
+    model = omiad.Model(tiny_cfg(tmp_path))
+    cfg, x0 = model.cfg, torch.randn(4, 48, 8, 8)
+    g, psi = model.generator.requires_grad_(True), copy.deepcopy(model.teacher).requires_grad_(True)
+    g0, psi0 = copy.deepcopy(g.state_dict()), copy.deepcopy(psi.state_dict())
+    opt_g, opt_psi = (torch.optim.Adam(n.parameters(), lr=1e-3, betas=(0.0, 0.999)) for n in (g, psi))
+    for step in range(3):
+        gen = common.generator(0, step)
+        x_g = model.generate(g, x0, torch.randn(x0.shape, generator=gen), cfg['t_init'])
+        losses = omiad.psi_update(model, psi, opt_psi, x0, x_g.detach(), gen, cfg)
+        opt_psi.step()
+        psi.requires_grad_(False)
+        losses += omiad.generator_loss(model, psi, x_g, gen, cfg, use_adv=True)
+        opt_g.zero_grad()
+        losses[3].backward()
+        opt_g.step()
+        psi.requires_grad_(True)
+        assert all(torch.isfinite(v).all() for v in losses)
+    assert any(not torch.equal(v, psi.state_dict()[k]) for k, v in psi0.items())
+    assert any(not torch.equal(v, g.state_dict()[k]) for k, v in g0.items())
+
+
+def test_predict_shapes_and_nfe(run):
+    model = run[0]
+    out = model.predict(batch(3))
+    assert out['map'].shape == (3, 64, 64) and out['score'].shape == (3,)
+    assert out['nfe'] == {'unet': 1} and (out['map'] >= 0).all() and torch.isfinite(out['score']).all()
+    teacher = omiad.Model(dict(model.cfg, use_teacher=True, teacher_steps=3))
+    teacher.load_state_dict(model.state_dict())
+    assert teacher.eval().predict(batch(3))['nfe'] == {'unet': 3}
+
+
+def test_generator_starts_as_the_one_step_teacher(run):
+    """Alg. 1 line 2 (theta <- phi): before ASD, g == the teacher's DDIM with one step."""
+    model = run[0]
+    one_step = omiad.Model(dict(model.cfg, use_teacher=True, teacher_steps=1))
+    one_step.load_state_dict(model.state_dict())
+    one_step.generator.load_state_dict(one_step.teacher.state_dict())
+    student = copy.deepcopy(one_step)
+    student.cfg = dict(one_step.cfg, use_teacher=False)
+    a, b = one_step.eval().predict(batch(2)), student.eval().predict(batch(2))
+    assert torch.allclose(a['map'], b['map'], rtol=1e-5) and not torch.allclose(
+        a['map'], model.predict(batch(2))['map'], rtol=1e-5)   # ... and ASD moved it
+
+
+def test_batch_size_invariance(run):
+    model, b = run[0], batch(6)
+    whole = model.predict(b)['score']
+    parts = [model.predict(dict(image=b['image'][i:j], cls=b['cls'][i:j], path=b['path'][i:j]))['score']
+             for i, j in ((0, 1), (1, 4), (4, 6))]
+    assert torch.allclose(whole, torch.cat(parts), rtol=1e-5, atol=1e-6)
+
+
+def test_identical_predictions_after_save_load_in_a_fresh_process(run, tmp_path):
+    model, out, _ = run
+    torch.save(batch(4), tmp_path / 'batch.pt')
+    code = ("import torch, common, omiad; m, _ = common.load(%r, omiad.Model); "
+            "torch.save(m.predict(torch.load(%r)), %r)") % (
+        str(out / 'ckpt.pt'), str(tmp_path / 'batch.pt'), str(tmp_path / 'pred.pt'))
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(omiad.__file__),
+                   env=dict(os.environ, PYTHONPATH=os.path.dirname(omiad.__file__)))
+    fresh, here = torch.load(tmp_path / 'pred.pt'), model.predict(batch(4))
+    assert torch.equal(fresh['score'], here['score']) and torch.equal(fresh['map'], here['map'])
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+def test_exact_resume_across_stages(run, tmp_path, stage):
+    """Straight run == resuming from the step-2 checkpoint of stage 1 (or of stage 2)."""
+    model, _, saved = run
+    mid = next(p for p in saved if p.endswith(f'.stage{stage}_step2'))
+    shutil.copy(mid, tmp_path / 'ckpt.pt')
+    resumed, _ = omiad.train(tiny_cfg(tmp_path, '--resume'))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    final = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    straight = torch.load(saved[-1], weights_only=True)
+    assert final['stage'] == 2 and final['step'] == 4
+    for k, v in straight['psi'].items():
+        assert torch.equal(v, final['psi'][k]), k
+
+
+def test_drift_monitor_stops_training(tmp_path):
+    with pytest.raises(common.UserError, match='drifted'):
+        omiad.train(tiny_cfg(tmp_path, '--drift_max', '0.5'))
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(common.UserError, match='mask'):
+        omiad.train(tiny_cfg(tmp_path, '--mask', 'patch'))
+    with pytest.raises(common.UserError, match='did you mean --t_init'):
+        tiny_cfg(tmp_path, '--t_inti', '400')
+    ckpt = dict(method='omiad', config=dict(omiad.config), model={})
+    with pytest.raises(common.UserError, match='cannot change without retraining'):
+        common.load('ckpt.pt', omiad.Model, overrides={'ch': 8}, ckpt=ckpt)   # only INFER_KEYS may
