@@ -1,0 +1,266 @@
+"""DeCo-Diff: schedule, masked forward process (Eq. 7, 11), deviation correction (Eq. 13-14),
+anomaly map (Eq. 15), the diffusers-compatible VAE, checkpoints, exact resume across both stages."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import decodiff as d
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANIFEST = os.path.join(REPO, 'tests', 'decodiff_vae_manifest.json')
+SMALL = ['--image_size', '32', '--category', 'weave', '--batch_size', '4', '--ae_steps', '4', '--steps', '4',
+         '--ae_crop', '16', '--patch_sizes', '1,2', '--patch_probs', '0.5,0.5', '--log_interval', '100',
+         '--ckpt_interval', '2', '--device', 'cpu']
+
+
+def small_cfg(tmp_path, *extra):
+    return common.get_config(d.config, d.PRESETS, SMALL + ['--out_dir', str(tmp_path)] + list(extra), d.__file__)
+
+
+def tiny_model(**kw):
+    return d.Model({**d.config, **d.PRESETS['tiny'], 'n_classes': 4, **kw}).eval()
+
+
+def test_schedule_table():
+    """Squared-cosine betas for T=10 (official squaredcos_cap_v2) and the derived c_t of Eq. 11."""
+    betas = d.cosine_betas(10)
+    assert torch.allclose(betas, torch.tensor([.0279, .0755, .1244, .1772, .2373, .3099, .4040, .5370, .7438, .999],
+                                              dtype=torch.float64), atol=6e-5)
+    abar = tiny_model().abar.double()
+    assert torch.allclose(abar[:9], torch.tensor([.9721, .8987, .7869, .6475, .4938, .3408, .2031, .0941, .0241],
+                                                 dtype=torch.float64), atol=6e-5)
+    c = (1 - abar.sqrt()) / (1 - abar).sqrt()
+    assert torch.allclose(c, torch.tensor([.0841, .1634, .2446, .3290, .4178, .5126, .6153, .7284, .8551, .9951],
+                                          dtype=torch.float64), atol=6e-5)
+    assert d.respaced(10, 5) == [0, 2, 4, 6, 8] and d.respaced(10, 3) == [0, 4, 8]
+    assert d.respaced(10, 2) == [0, 5] and d.respaced(10, 10) == list(range(10))
+    with pytest.raises(common.UserError, match='reverse steps'):
+        d.respaced(10, 1)
+
+
+def test_eta_is_exactly_zero_on_visible_patches():
+    """Eq. 7 and 11: visible patches are untouched and their target is exactly 0; on noised
+    patches z_t = z0 + sqrt(1 - abar) eta (the deviation form of Eq. 10)."""
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 4, 16, 16, generator=g)
+    m = d.random_patch_mask(torch.rand(8, generator=g) * 0.7, 16, 2, g)
+    t = torch.arange(8)
+    abar = tiny_model().abar
+    zt, eta = d.forward_process(z0, t, m, noise, abar)
+    vis = m.expand_as(z0).bool()
+    assert (eta[vis] == 0).all() and torch.equal(zt[vis], z0[vis])
+    a = abar[t].view(-1, 1, 1, 1).expand_as(z0)
+    assert torch.allclose(zt[~vis], (z0 + (1 - a).sqrt() * eta)[~vis], atol=1e-5)
+
+
+def test_zero_output_model_leaves_the_latent_unchanged():
+    """The U-Net's output conv is zero-initialised: eta = 0, so deviation correction is the identity
+    for both strategies and every S, and the anomaly map is all zeros."""
+    model = tiny_model()
+    z = torch.randn(2, 4, 16, 16)
+    for strategy in ('z_prev', 'z0'):
+        for S in (2, 5, 10):
+            model.cfg.update(strategy=strategy, S=S)
+            assert torch.equal(model.correct(z, torch.zeros(2, dtype=torch.long)), z)
+    out = model.predict(dict(image=torch.rand(2, 3, 128, 128), cls=torch.zeros(2, dtype=torch.long), path=['a', 'b']))
+    assert (out['map'] == 0).all() and (out['score'] == 0).all()
+
+
+class ConstantEta(torch.nn.Module):
+    def forward(self, z, t, cls=None):
+        return torch.full_like(z, 0.5)
+
+
+def test_correction_steps_follow_eq_13_14():
+    """With a constant eta e, Eq. 14 telescopes to z - sqrt(1 - abar_{t_S}) e; the z~0 strategy
+    (Table 3) subtracts sqrt(1 - abar_t) e at every visited t."""
+    model = tiny_model()
+    model.unet = ConstantEta()
+    z, s = torch.randn(1, 4, 8, 8), (1 - model.abar).sqrt()
+    model.cfg.update(S=5, strategy='z_prev')
+    assert torch.allclose(model.correct(z, None), z - s[8] * 0.5, atol=1e-6)
+    model.cfg.update(strategy='z0')
+    assert torch.allclose(model.correct(z, None), z - s[[0, 2, 4, 6, 8]].sum() * 0.5, atol=1e-6)
+
+
+def test_mask_ratio_statistics():
+    """floor(n (1 - r)) patches stay visible (the official random_mask), constant over p x p
+    blocks; with r ~ U[0, 0.7] the noised share averages 0.35."""
+    g = torch.Generator().manual_seed(0)
+    ratio = torch.tensor([0.0, 0.1, 0.35, 0.7])
+    for p in (1, 2, 4, 8):
+        m = d.random_patch_mask(ratio, 16, p, g)
+        n = (16 // p) ** 2
+        blocks = m[:, 0, ::p, ::p]
+        assert torch.equal(m, blocks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None])
+        assert blocks.flatten(1).sum(1).tolist() == torch.floor(n * (1 - ratio)).tolist()
+    m = d.random_patch_mask(torch.rand(4000, generator=g) * 0.7, 16, 1, g)
+    assert abs((1 - m).mean().item() - 0.35) < 0.01
+    assert set(m.unique().tolist()) == {0.0, 1.0}
+
+
+def test_patch_shuffling_is_a_permutation():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 4, 16, 16, generator=g)
+    for p in (1, 2, 4):
+        out = d.shuffle_patches(z, p, g)
+        rows = lambda x: torch.nn.functional.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, 4 * p * p)
+        a, b = rows(z), rows(out)
+        assert not torch.equal(a, b)
+        key = torch.randn(4 * p * p, dtype=torch.float64, generator=g)
+        assert torch.equal(a[(a.double() @ key).argsort()], b[(b.double() @ key).argsort()])
+
+
+def test_vae_matches_the_diffusers_manifest():
+    """decodiff.AutoencoderKL with the sd-vae-ft-ema config has exactly diffusers' keys and shapes."""
+    manifest = json.load(open(MANIFEST))
+    assert manifest['config']['block_out_channels'] == list(d.SD_VAE['channels'])
+    assert manifest['config']['layers_per_block'] == d.SD_VAE['layers']
+    assert manifest['scaling_factor'] == d.SD_VAE['scale']
+    with torch.device('meta'):
+        vae = d.AutoencoderKL(d.SD_VAE['channels'], d.SD_VAE['layers'])
+    ours = {k: list(v.shape) for k, v in vae.state_dict().items()}
+    assert ours == manifest['keys']
+    assert sum(v.numel() for v in vae.state_dict().values()) == manifest['params']
+
+
+def test_vae_weights_load_with_either_attention_naming(tmp_path):
+    pytest.importorskip('safetensors')
+    from safetensors.torch import save_file
+    src = d.AutoencoderKL((8, 16), 1)
+    state = {k: torch.randn_like(v) for k, v in src.state_dict().items()}
+    old = {k.replace('.to_q.', '.query.').replace('.to_k.', '.key.').replace('.to_v.', '.value.')
+           .replace('.to_out.0.', '.proj_attn.'): v for k, v in state.items()}
+    assert old.keys() != state.keys()
+    save_file(state, str(tmp_path / 'new.safetensors'))
+    os.makedirs(tmp_path / 'folder' / 'vae')
+    torch.save(old, tmp_path / 'folder' / 'vae' / 'diffusion_pytorch_model.bin')
+    for path in (tmp_path / 'new.safetensors', tmp_path / 'folder'):
+        vae = d.AutoencoderKL((8, 16), 1)
+        record = d.load_vae_weights(vae, str(path))
+        assert all(torch.equal(vae.state_dict()[k], v) for k, v in state.items()) and len(record['sha256']) == 64
+    with pytest.raises(common.UserError, match='not an sd-vae-ft-ema'):
+        d.load_vae_weights(d.AutoencoderKL((8, 32), 1), str(tmp_path / 'new.safetensors'))
+    with pytest.raises(common.UserError, match='no VAE weights'):
+        d.load_vae_weights(d.AutoencoderKL((8, 16), 1), str(tmp_path / 'missing'))
+
+
+def test_vae_numerically_matches_diffusers():
+    """Optional parity: the same weights give the same posterior and decoding as diffusers."""
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(block_out_channels=[128, 128], layers_per_block=1, norm_num_groups=32,
+                                  down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2)
+    ours = d.AutoencoderKL((128, 128), 1)   # widths >= 128: 32 groups, as every layer of the SD VAE
+    ours.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in ref.state_dict().items()})
+    ref.load_state_dict(ours.state_dict())
+    x, z = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        post, (mean, logvar) = ref.encode(x).latent_dist, ours.encode(x)
+        assert torch.allclose(post.mean, mean, atol=1e-5) and torch.allclose(post.logvar, logvar, atol=1e-5)
+        assert torch.allclose(ref.decode(z).sample, ours.decode(z), atol=1e-4)
+
+
+def test_map_is_on_the_minus1_1_scale_whichever_input_range():
+    """predict takes [0,1] images and the autoencoder sees [-1,1]: its map equals the Eq. 15 map of
+    the [-1,1] decoded pair, and gamma_p applies to [-1,1] differences (0.2 in [0,1] units = 0.4)."""
+    torch.manual_seed(0)
+    model = tiny_model(sigma_pix=0.0, sigma_lat=0.0)
+    torch.nn.init.normal_(model.unet.out[-1].weight, std=0.05)
+    x, cls = torch.rand(2, 3, 128, 128), torch.zeros(2, dtype=torch.long)
+    out = model.predict(dict(image=x, cls=cls, path=['a', 'b']))
+    with torch.no_grad():
+        z0 = model.scale * model.vae.encode(2 * x - 1)[0]
+        z_rec = model.correct(z0, cls)
+        amap = model.anomaly_map(model.decode(z_rec), model.decode(z0), z_rec, z0)[0]
+    assert out['map'].abs().max() > 0 and torch.allclose(out['map'], amap, atol=1e-6)
+    x01 = torch.rand(1, 3, 8, 8) * 0.6
+    shift = torch.tensor([0.05, 0.1, 0.2, 0.3]).repeat_interleave(2).view(1, 1, 1, 8)   # in [0,1] units
+    to_ae = lambda y: 2 * y - 1
+    z = torch.zeros(1, 4, 1, 1)
+    d_pix = model.anomaly_map(to_ae(x01 + shift), to_ae(x01), z + 1, z)[1][0, 0]
+    assert torch.allclose(d_pix, torch.tensor([0.25] * 2 + [0.5] * 2 + [1.0] * 4), atol=1e-5)
+
+
+def test_training_reduces_the_corrector_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    cfg = dict(model.cfg, patch_sizes=(1, 2), patch_probs=(0.5, 0.5))
+    batch = dict(mean=torch.randn(8, 4, 16, 16), std=torch.full((8, 4, 16, 16), 0.05),
+                 cls=torch.zeros(8, dtype=torch.long))
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-3)
+    losses = []
+    for step in range(30):
+        loss = d.corrector_loss(model, batch, torch.Generator().manual_seed(0), cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_paper_size_xs_parameter_count():
+    """The official UNet-XS (class-conditioned) has 24.7 M parameters (L: 395.0 M, see --help)."""
+    unet = d.UNet({**d.config, 'ch': 64, 'head_dim': 16, 'class_cond': True, 'n_classes': 15})
+    assert abs(sum(p.numel() for p in unet.parameters()) / 1e6 - 24.7) < 0.1
+
+
+def test_predictions_identical_after_save_load_in_a_fresh_process(tmp_path):
+    cfg = small_cfg(tmp_path)
+    model, _ = d.train(cfg)
+    assert model.scale.item() != 1.0
+    test = common.load_dataset(model.cfg, 'test')
+    idx = [0, 50, 60, 70]
+    batch = dict(image=torch.stack([test[i]['image'] for i in idx]), cls=test.cls[idx],
+                 path=[test.paths[i] for i in idx])
+    torch.save(batch, tmp_path / 'batch.pt')
+    out = model.predict(batch)
+    assert out['map'].shape == (4, 32, 32) and out['score'].shape == (4,) and out['recon'].shape == (4, 3, 32, 32)
+    assert 0 <= out['map'].min() and out['map'].max() <= 1 and out['nfe']['unet'] == 5
+    parts = [model.predict(dict(image=batch['image'][s], cls=batch['cls'][s], path=batch['path'][s]))
+             for s in (slice(0, 1), slice(1, 4))]
+    for k in ('map', 'score'):   # batch-size invariant up to the float rounding of batched convolutions,
+        a, b = torch.cat([p[k] for p in parts]), out[k]   # which |z~0 - z0| amplifies by cancellation
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max()   # a real cross-sample leak is O(1)
+    code = ('import torch, common, decodiff\n'
+            f"model, _ = common.load({str(tmp_path / 'ckpt.pt')!r}, decodiff.Model)\n"
+            f"out = model.predict(torch.load({str(tmp_path / 'batch.pt')!r}))\n"
+            f"torch.save({{k: out[k] for k in ('map', 'score', 'recon')}}, {str(tmp_path / 'out.pt')!r})\n")
+    subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+    fresh = torch.load(tmp_path / 'out.pt')
+    assert all(torch.equal(fresh[k], out[k]) for k in ('map', 'score', 'recon'))
+
+
+def test_exact_resume_across_both_stages(tmp_path, monkeypatch):
+    """Interrupted in the autoencoder stage or in the corrector stage, --resume ends with the same
+    weights as the uninterrupted run (dropout on, to include its randomness)."""
+    save = common.save
+
+    def save_and_keep(path, model, **state):
+        save(path, model, **state)
+        shutil.copy(path, f"{path}.{state['stage']}{state['step']}")
+    monkeypatch.setattr(common, 'save', save_and_keep)
+    straight, _ = d.train(small_cfg(tmp_path / 'a', '--dropout', '0.2'))
+    for copy in ('ae2', 'diffusion2'):
+        os.makedirs(tmp_path / copy)
+        shutil.copy(tmp_path / 'a' / f'ckpt.pt.{copy}', tmp_path / copy / 'ckpt.pt')
+        resumed, _ = d.train(small_cfg(tmp_path / copy, '--dropout', '0.2', '--resume'))
+        a, b = straight.state_dict(), resumed.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), copy
+
+
+def test_clear_errors_for_user_mistakes(tmp_path):
+    with pytest.raises(common.UserError, match='vae_weights'):
+        d.train(small_cfg(tmp_path, '--vae', 'sd'))
+    with pytest.raises(common.UserError, match='reverse steps'):
+        d.train(small_cfg(tmp_path, '--S', '7'))
+    with pytest.raises(common.UserError, match='must divide the latent size'):
+        d.train(small_cfg(tmp_path, '--patch_sizes', '1,16'))
+    with pytest.raises(common.UserError, match='strategy'):
+        tiny_model(strategy='bogus').correct(torch.zeros(1, 4, 8, 8), None)
