@@ -34,8 +34,20 @@ MICRO = {
               '--t_init 400 --ckpt_interval 2 --log_interval 2', 4),
     'decodiff': ('--category weave --image_size 32 --batch_size 4 --ae_steps 4 --steps 4 --ae_crop 16 '
                  '--patch_sizes 1,2 --patch_probs 0.5,0.5 --ckpt_interval 2 --log_interval 2', 5),
+    'diffusionad': ('--category weave --image_size 32 --unet_ch 16 --unet_mults 1,2 --attn_res 16 --seg_ch 8 '
+                    '--seg_levels 3 --batch_size 4 --steps 4 --ckpt_interval 2 --log_interval 2', 3),
 }
 METHODS = sorted(MICRO)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread like the subprocesses (ENV): CPU results are bit-identical
+    only for the same number of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def harness(method, dump, out_dir, *flags, torchrun=False, extra=()):

@@ -1,0 +1,223 @@
+"""Tests of diffusionad.py: schedule, norm guidance (closed form), losses, training, checkpoints,
+inference and the command line. CPU, offline, tiny networks at 32 px."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import diffusionad as d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """32 px networks: intra-op threads only add overhead (and fight on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ['--image_size', '32', '--unet_ch', '16', '--unet_mults', '1,2', '--attn_res', '16',
+        '--seg_ch', '8', '--seg_levels', '3', '--batch_size', '4', '--category', 'weave',
+        '--device', 'cpu', '--log_interval', '2']
+
+
+def tiny_cfg(out_dir, *argv):
+    return common.get_config(d.config, d.PRESETS, TINY + ['--out_dir', str(out_dir)] + list(argv),
+                             d.__file__)
+
+
+def tiny_model(tmp_path, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = d.Model(dict(tiny_cfg(tmp_path), **kw)).eval()
+    nn.init.normal_(model.unet.out[-1].weight, std=0.05)   # the zero-initialised output predicts 0
+    return model
+
+
+def images(n, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(image=torch.rand(n, 3, size, size, generator=g), cls=torch.zeros(n, dtype=torch.long),
+                path=[f'weave/test/x/{i:03d}.png' for i in range(n)])
+
+
+def test_schedule_values():
+    abar = d.linear_abar(1000, 1e-4, 0.02)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert abar.dtype == torch.float32 and abar.shape == (1000,)
+    np.testing.assert_allclose(abar.numpy(), np.cumprod(1 - betas), rtol=1e-6)
+    assert abs(abar[0].item() - (1 - 1e-4)) < 1e-7                 # t = 0 is the first step
+    for t, value in ((200, 0.656), (299, 0.396), (400, 0.194)):      # official values (spec)
+        assert abs(abar[t].item() - value) < 1e-3
+    assert 3e-5 < abar[999].item() < 5e-5
+
+
+def test_norm_guidance_closed_form(tmp_path):
+    """Eqs. 7-8 equal (1 - w(1-abar_ts)) x0_s + w(1-abar_ts) n before clamping, in ONE U-Net call."""
+    model = tiny_model(tmp_path)
+    calls = []
+    model.unet.register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 32, 32, generator=g)
+    t_s, t_b = torch.tensor([0, 57, 200, 299]), torch.tensor([300, 400, 731, 999])
+    eps_s, eps_b = torch.randn(2, 4, 3, 32, 32, generator=g)
+    w = 0.7
+    with torch.no_grad():
+        x0_g, e_s, e_b = d.norm_guided(model.unet, model.abar, x0, t_s, t_b, eps_s, eps_b, w)
+        assert len(calls) == 1
+        x_ts, x_tb = d.q_sample(model.abar, x0, t_s, eps_s), d.q_sample(model.abar, x0, t_b, eps_b)
+        torch.testing.assert_close(e_s, model.unet(x_ts, t_s), atol=1e-5, rtol=0)   # batched = separate
+        x0_s = d.x0_from_eps(model.abar, x_ts, t_s, e_s)
+        n = d.x0_from_eps(model.abar, x_tb, t_b, e_b).clamp(-1, 1)
+    c = w * (1 - model.abar[t_s]).view(-1, 1, 1, 1)
+    assert e_s.abs().mean() > 0.01 and (x0_g - x0_s).abs().max() > 0.01   # not a trivial case
+    torch.testing.assert_close(x0_g, (1 - c) * x0_s + c * n, atol=1e-5, rtol=0)
+
+
+def test_noise_loss_normal_samples_only():
+    g = torch.Generator().manual_seed(0)
+    e_s, e_b, eps_s, eps_b = torch.randn(4, 3, 2, 8, 8, generator=g)
+    e_s.requires_grad_(True)
+    loss = d.noise_loss(e_s, e_b, eps_s, eps_b, torch.ones(3, dtype=torch.long))   # all anomalous
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(e_s.grad).all() and e_s.grad.abs().max() == 0
+    label = torch.tensor([0, 1, 0])
+    per = ((e_s - eps_s) ** 2).mean((1, 2, 3)) + ((e_b - eps_b) ** 2).mean((1, 2, 3))
+    expected = (per[0] + per[2]) / 2                                  # Eq. 9 without the 1/2
+    torch.testing.assert_close(d.noise_loss(e_s, e_b, eps_s, eps_b, label), expected)
+
+
+def test_focal_and_mask_loss_by_hand():
+    p = [0.9, 0.2, 0.6, 0.01]
+    m = [1.0, 0.0, 0.0, 1.0]
+    logits = torch.tensor([math.log(q / (1 - q)) for q in p])
+    pt = [q if y else 1 - q for q, y in zip(p, m)]                    # probability of the true class
+    focal = sum(0.5 * (1 - a) ** 4 * -math.log(a) for a in pt) / 4   # alpha 0.5, gamma 4
+    assert abs(d.focal_loss(logits, torch.tensor(m)).item() - focal) < 1e-6
+    smooth_l1 = sum(0.5 * (q - y) ** 2 for q, y in zip(p, m)) / 4     # |error| < 1: quadratic branch
+    assert abs(d.mask_loss(logits, torch.tensor(m), 5.0).item() - (smooth_l1 + 5 * focal)) < 1e-6
+
+
+def test_learning_rates_match_the_official_scheduler():
+    """The closed form equals CosineAnnealingLR(T_max=10) stepped every iteration, past T_max."""
+    cfg = dict(d.config)
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=cfg['lr_seg'])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg['seg_cosine'], eta_min=0)
+    for step in range(45):
+        assert d.learning_rates(cfg, step, 45)[0] == cfg['lr']
+        assert abs(opt.param_groups[0]['lr'] - d.learning_rates(cfg, step, 45)[1]) < 1e-12
+        opt.step()
+        sched.step()
+    once = np.array([d.learning_rates(dict(cfg, anneal=True), step, 45) for step in range(45)])
+    assert (once[0] == (cfg['lr'], cfg['lr_seg'])).all() and (np.diff(once, axis=0) < 0).all()
+    assert (once[-1] < 0.01 * once[0]).all()                          # both anneal once, to ~0
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    model = tiny_model(tmp_path).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    mask = torch.zeros(4, 32, 32)
+    mask[2:, 8:20, 10:22] = 1
+    x[2:, :, 8:20, 10:22] = 1 - x[2:, :, 8:20, 10:22]                 # two anomalous samples
+    label = torch.tensor([0, 0, 1, 1])
+    t_s, t_b = torch.tensor([50, 120, 200, 280]), torch.tensor([350, 500, 700, 900])
+    eps_s, eps_b = torch.randn(2, 4, 3, 32, 32, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        logits, _, e_s, e_b = model(x, t_s, t_b, eps_s, eps_b)
+        loss = d.noise_loss(e_s, e_b, eps_s, eps_b, label) + d.mask_loss(logits, mask, 5.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_predict_shapes_range_and_score(tmp_path):
+    model = tiny_model(tmp_path, top_k=2000)
+    out = model.predict(images(3))
+    assert out['map'].shape == (3, 32, 32) and out['score'].shape == (3,)
+    assert out['recon'].shape == (3, 3, 32, 32)
+    assert 0 <= out['map'].min() and out['map'].max() <= 1
+    assert 0 <= out['recon'].min() and out['recon'].max() <= 1
+    assert out['nfe'] == {'unet': 2, 'seg': 1}
+    k = round(2000 * 32 * 32 / 256 ** 2)                               # K scales with the map area
+    expected = out['map'].flatten(1).sort(1, descending=True).values[:, :k].mean(1)
+    torch.testing.assert_close(out['score'], expected)
+    model.cfg['top_k'] = 50                                            # K = 0.78 -> at least 1
+    torch.testing.assert_close(model.predict(images(3))['score'], out['map'].flatten(1).amax(1))
+
+
+def test_scores_do_not_depend_on_batch(tmp_path):
+    model = tiny_model(tmp_path)
+    batch = images(4)
+    whole = model.predict(batch)['score']
+    alone = torch.cat([model.predict(dict(image=batch['image'][i:i + 1], cls=batch['cls'][i:i + 1],
+                                          path=batch['path'][i:i + 1]))['score'] for i in range(4)])
+    rev = model.predict(dict(image=batch['image'].flip(0), cls=batch['cls'], path=batch['path'][::-1]))
+    torch.testing.assert_close(whole, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole, rev['score'].flip(0), atol=1e-5, rtol=0)
+
+
+def test_resume_is_exact_and_checkpoint_predicts_the_same_in_a_fresh_process(tmp_path):
+    straight, _ = d.train(tiny_cfg(tmp_path / 'a', '--steps', '4', '--seg_cosine', '3', '--no-anneal'))
+    d.train(tiny_cfg(tmp_path / 'b', '--steps', '2', '--seg_cosine', '3', '--no-anneal'))
+    resumed, _ = d.train(tiny_cfg(tmp_path / 'b', '--steps', '4', '--seg_cosine', '3', '--no-anneal', '--resume'))
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    batch = images(3)
+    torch.save(batch['image'], tmp_path / 'x.pt')
+    expected = straight.predict(batch)
+    code = (f"import torch, common, diffusionad as d\n"
+            f"m, _ = common.load({str(tmp_path / 'a' / 'ckpt.pt')!r}, d.Model)\n"
+            f"o = m.predict(dict(image=torch.load({str(tmp_path / 'x.pt')!r}), cls=torch.zeros(3, dtype=torch.long), "
+            f"path={batch['path']!r}))\n"
+            f"torch.save(dict(map=o['map'], score=o['score']), {str(tmp_path / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+    got = torch.load(tmp_path / 'y.pt')
+    torch.testing.assert_close(got['score'], expected['score'], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got['map'], expected['map'], atol=1e-6, rtol=0)
+    with pytest.raises(common.UserError, match='retraining'):           # not an inference key
+        common.load(str(tmp_path / 'a' / 'ckpt.pt'), d.Model, overrides={'unet_ch': 8})
+    model, _ = common.load(str(tmp_path / 'a' / 'ckpt.pt'), d.Model, overrides={'t_s': 100})
+    assert model.cfg['t_s'] == 100
+
+
+def test_paper_preset_parameter_counts():
+    """The official U-Net has 131.7 M parameters and the segmentation net 28.4 M."""
+    with torch.device('meta'):
+        model = d.Model(dict(d.config, **d.PRESETS['paper']))
+    unet = sum(p.numel() for p in model.unet.parameters())
+    seg = sum(p.numel() for p in model.seg.parameters())
+    assert abs(unet / 131.7e6 - 1) < 0.01 and abs(seg / 28.4e6 - 1) < 0.01
+
+
+def test_foreground_estimate():
+    washer = torch.tensor(common.synthetic('washer', 'train')[0][0]).float() / 255
+    fg = d.foreground(washer)
+    assert 0.15 < fg.mean() < 0.35 and fg[:4].max() == 0    # the ring (the notch opens its hole)
+    weave = torch.tensor(common.synthetic('weave', 'train')[0][0]).float() / 255
+    assert d.foreground(weave).mean() > 0.05
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(common.UserError, match='did you mean --unet_ch'):
+        d.main(['--unet_chh', '8'])
+    with pytest.raises(common.UserError, match='--steps expects int'):
+        d.main(['--steps', 'many'])
+    with pytest.raises(common.UserError, match='no checkpoint'):
+        d.main(['--eval', '--out_dir', str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UserError, match='paper preset'):
+            d.main(['--preset', 'paper'])
+    r = subprocess.run([sys.executable, 'diffusionad.py', '--t_s'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --t_s needs a value (default 200)"
