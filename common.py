@@ -1022,23 +1022,33 @@ def load_pretrained(net, name, weights):
                             'copy ~/.cache/huggingface, or pass --backbone_weights FILE')
     if not os.path.isfile(path):
         raise UserError(f'backbone weights {path} not found (use a file, timm, or leave it empty)')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        state = state.get('state_dict', state.get('model', state))
+    state = read_weights(path)
     own = net.state_dict()
     bad = [k for k in own if not k.endswith('num_batches_tracked') and
            (k not in state or state[k].shape != own[k].shape)]
     if bad:
         raise UserError(f'{path} does not fit {name}: {len(bad)} missing or mis-shaped keys, e.g. {bad[:3]}')
     net.load_state_dict({k: state.get(k, v) for k, v in own.items()})
+    return dict(id=name, file=os.path.basename(path), sha256=file_sha256(path))
+
+
+def read_weights(path):
+    """A state dict from a .safetensors file or a torch file (.pth/.bin/.pt, tensors only; a
+    {'state_dict': ...} or {'model': ...} wrapper is unpacked)."""
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path)
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    return state.get('state_dict', state.get('model', state))
+
+
+def file_sha256(path):
+    """sha256 of a file, read in 1 MB chunks (weights files are large)."""
     sha = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             sha.update(chunk)
-    return dict(id=name, file=os.path.basename(path), sha256=sha.hexdigest())
+    return sha.hexdigest()
 
 
 @torch.no_grad()

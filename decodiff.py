@@ -74,7 +74,6 @@ $ python decodiff.py --data mvtec --eval                      # evaluate the sav
 $ python eval.py out/decodiff_mvtec_all_paper_s0/ckpt.pt --S 2 --strategy z0 --gamma_l 0.2
 """
 import functools
-import hashlib
 import math
 import os
 import time
@@ -295,11 +294,7 @@ def load_vae_weights(vae, path):
     if not os.path.isfile(path):
         raise common.UserError(f'no VAE weights at {path!r}: download diffusion_pytorch_model.safetensors '
                                'of stabilityai/sd-vae-ft-ema and pass --vae_weights FILE (or its folder)')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+    state = common.read_weights(path)
     for old, new in DEPRECATED.items():
         state = {k.replace(old, new): v for k, v in state.items()}
     own = vae.state_dict()
@@ -310,8 +305,7 @@ def load_vae_weights(vae, path):
         raise common.UserError(f'{path} is not an sd-vae-ft-ema AutoencoderKL: {len(bad)} missing or '
                                f'mis-shaped keys (e.g. {bad[:2]}), {len(state) - len(own) + len(bad)} unexpected')
     vae.load_state_dict(state)
-    sha = hashlib.sha256(open(path, 'rb').read()).hexdigest()
-    return dict(id='stabilityai/sd-vae-ft-ema', file=os.path.basename(path), sha256=sha)
+    return dict(id='stabilityai/sd-vae-ft-ema', file=os.path.basename(path), sha256=common.file_sha256(path))
 
 # -----------------------------------------------------------------------------
 # eta_theta: an LDM U-Net (openaimodel with SpatialTransformer blocks), predicting eta
