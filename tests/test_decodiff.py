@@ -230,10 +230,10 @@ def test_predictions_identical_after_save_load_in_a_fresh_process(tmp_path):
         assert (a - b).abs().max() <= 1e-2 * b.abs().max()   # a real cross-sample leak is O(1)
     code = ('import torch, common, decodiff\n'
             f"model, _ = common.load({str(tmp_path / 'ckpt.pt')!r}, decodiff.Model)\n"
-            f"out = model.predict(torch.load({str(tmp_path / 'batch.pt')!r}))\n"
+            f"out = model.predict(torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=True))\n"
             f"torch.save({{k: out[k] for k in ('map', 'score', 'recon')}}, {str(tmp_path / 'out.pt')!r})\n")
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
-    fresh = torch.load(tmp_path / 'out.pt')
+    fresh = torch.load(tmp_path / 'out.pt', weights_only=True)
     assert all(torch.equal(fresh[k], out[k]) for k in ('map', 'score', 'recon'))
 
 

@@ -179,11 +179,11 @@ def test_resume_is_exact_and_checkpoint_predicts_the_same_in_a_fresh_process(tmp
     expected = straight.predict(batch)
     code = (f"import torch, common, diffusionad as d\n"
             f"m, _ = common.load({str(tmp_path / 'a' / 'ckpt.pt')!r}, d.Model)\n"
-            f"o = m.predict(dict(image=torch.load({str(tmp_path / 'x.pt')!r}), cls=torch.zeros(3, dtype=torch.long), "
+            f"o = m.predict(dict(image=torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True), cls=torch.zeros(3, dtype=torch.long), "
             f"path={batch['path']!r}))\n"
             f"torch.save(dict(map=o['map'], score=o['score']), {str(tmp_path / 'y.pt')!r})\n")
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
-    got = torch.load(tmp_path / 'y.pt')
+    got = torch.load(tmp_path / 'y.pt', weights_only=True)
     torch.testing.assert_close(got['score'], expected['score'], atol=1e-6, rtol=0)
     torch.testing.assert_close(got['map'], expected['map'], atol=1e-6, rtol=0)
     with pytest.raises(common.UserError, match='retraining'):           # not an inference key

@@ -178,11 +178,11 @@ def test_identical_predictions_after_save_load_in_fresh_process(trained, tmp_pat
     model, batch, out = trained
     torch.save(batch, tmp_path / 'batch.pt')
     code = ("import sys, torch, common, inversion_ad as ia; torch.set_num_threads(int(sys.argv[3]));"
-            "m, _ = common.load(sys.argv[1], ia.Model); b = torch.load(sys.argv[2]);"
+            "m, _ = common.load(sys.argv[1], ia.Model); b = torch.load(sys.argv[2], weights_only=True);"
             "o = m.predict(b); torch.save(dict(score=o['score'], map=o['map'], nll=o['scores']['nll']), sys.argv[2])")
     subprocess.run([sys.executable, '-c', code, str(out / 'ckpt.pt'), str(tmp_path / 'batch.pt'),
                     str(torch.get_num_threads())], check=True, cwd=os.path.dirname(ia.__file__))
-    fresh, here = torch.load(tmp_path / 'batch.pt'), model.predict(batch)
+    fresh, here = torch.load(tmp_path / 'batch.pt', weights_only=True), model.predict(batch)
     assert torch.equal(fresh['score'], here['score']) and torch.equal(fresh['map'], here['map'])
     assert torch.equal(fresh['nll'], here['scores']['nll'])
 
@@ -201,7 +201,7 @@ def test_exact_resume(trained, tmp_path, monkeypatch):
         ia.train(tiny_cfg(tmp_path, '--ckpt_interval', '9'))
     monkeypatch.setattr(common, 'save', save)
     ia.train(tiny_cfg(tmp_path, '--ckpt_interval', '9', '--resume'))
-    a, b = torch.load(straight / 'ckpt.pt'), torch.load(tmp_path / 'ckpt.pt')
+    a, b = common.read_checkpoint(str(straight / 'ckpt.pt')), common.read_checkpoint(str(tmp_path / 'ckpt.pt'))
     assert a['step'] == b['step'] == 18
     for key in ('model', 'ema'):
         for k in a[key]:

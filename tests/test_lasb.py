@@ -179,11 +179,11 @@ def test_identical_predictions_in_a_fresh_process(trained, tmp_path):
     torch.save(dict(image=batch['image'], path=batch['path']), tmp_path / 'batch.pt')
     script = ("import torch, common, lasb\n"
               f"model, _ = common.load({os.path.join(cfg['out_dir'], 'ckpt.pt')!r}, lasb.Model)\n"
-              f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+              f"b = torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=True)\n"
               "out = model.predict(dict(image=b['image'], cls=torch.zeros(4, dtype=torch.long), path=b['path']))\n"
               f"torch.save(dict(map=out['map'], score=out['score']), {str(tmp_path / 'out.pt')!r})\n")
     subprocess.run([sys.executable, '-c', script], cwd=ROOT, check=True, capture_output=True)
-    fresh, here = torch.load(tmp_path / 'out.pt'), model.predict(batch)
+    fresh, here = torch.load(tmp_path / 'out.pt', weights_only=True), model.predict(batch)
     assert torch.equal(fresh['score'], here['score']) and torch.equal(fresh['map'], here['map'])
 
 

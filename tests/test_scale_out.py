@@ -60,7 +60,7 @@ def harness(method, dump, out_dir, *flags, torchrun=False, extra=()):
 
 
 def final_state(dump, rank=0):
-    return torch.load(os.path.join(dump, f'rank{rank}.pt'))
+    return torch.load(os.path.join(dump, f'rank{rank}.pt'), weights_only=True)
 
 
 def assert_same_weights(a, b):
