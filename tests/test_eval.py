@@ -173,11 +173,33 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
             assert p.returncode == 2 and "unknown method 'nomethod'" in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize('method', common.METHODS)
+def test_bench_costs_each_network_pass_once_and_counts_the_rest(method):
+    """--bench runs each network once per input shape and multiplies by its call count, so that
+    paper-scale models can be costed: the FLOPs must equal those of the whole predict, and the
+    method's own forwards must be restored afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+    module = __import__(method)
+    cfg = common.get_config(module.config, module.PRESETS, ['--device', 'cpu'], module.__file__)
+    torch.manual_seed(0)
+    model = module.Model(cfg).eval()
+    x = dict(image=torch.rand(1, 3, cfg['image_size'], cfg['image_size']), cls=torch.zeros(1, dtype=torch.long),
+             path=['bench/0'])
+    with torch.no_grad():
+        nets, dry, nfe = E._network_passes(model, x, torch.device('cpu'))
+        with FlopCounterMode(display=False) as full:
+            out = model.predict(x)
+    assert nfe == out['nfe'] and all(n['ms'] > 0 and n['calls'] >= 1 for n in nets)
+    assert dry + sum((n['calls'] - 1) * n['flops'] for n in nets) == full.get_total_flops()
+    assert not any('forward' in vars(m) for m in model.modules())
+
+
 def test_bench_counts_parameters_flops_and_separates_network_time(capsys):
     r = E.bench('toy_method', ['--device', 'cpu'])
     assert r['params'] == {'net': (3 * 9 * 8 + 8) + (8 * 9 * 3 + 3)}
     assert r['flops'] == 2 * 32 * 32 * (3 * 9 * 8 + 8 * 9 * 3)   # two 3x3 convolutions at 32x32, batch 1
     assert r['nfe'] == {'net': 1} and set(r['ms']) == {1, 32}
+    assert [(n['name'], n['calls']) for n in r['networks']] == [('net', 1)]
     assert all(0 < net <= total for total, net in r['ms'].values())
 
     class Slow(torch.nn.Module):           # one network pass, then 20 ms of pipeline outside any network
