@@ -297,135 +297,101 @@ def predict(ckpt, image_path, out='', category=''):
     return score, amap
 
 
+@torch.no_grad()
 def bench(method, argv):
-    """Cost of a method at any preset with random weights: parameters per network; each network
+    """Cost of a method at any preset with random weights: parameters per network; every network
     pass of a batch-1 predict with its call count, FLOPs and one measured forward (so a paper-scale
-    model is costed without running its whole NFE loop); then, unless --networks_only, ms/image of
-    the full predict at batch 1 and 32 with the share spent in network passes (the rest is
-    pipeline overhead)."""
+    model is costed without running its NFE loop); then, unless --networks_only, ms/image of the
+    full predict at batch 1 and 32 and the share spent outside network passes (pipeline overhead)."""
+    from torch.utils.flop_counter import FlopCounterMode
     if method == 'metrics':
         return bench_metrics()
     if method not in common.METHODS:
         raise UserError(f"unknown method {method!r}; choose metrics, {', '.join(common.METHODS)}")
     networks_only = '--networks_only' in argv
-    argv = [a for a in argv if a != '--networks_only']
     module = importlib.import_module(method)
-    cfg = common.get_config(module.config, module.PRESETS, argv, module.__file__)
-    model = module.Model(cfg).to(cfg['device']).eval()
+    cfg = common.get_config(module.config, module.PRESETS, [a for a in argv if a != '--networks_only'], module.__file__)
+    model, device = module.Model(cfg).to(cfg['device']).eval(), torch.device(cfg['device'])
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}
     print(f"{method} ({cfg['preset']}): " + ', '.join(f'{n} {p / 1e6:.1f} M' for n, p in params.items()))
 
     def batch(b):
-        return dict(image=torch.rand(b, 3, cfg['image_size'], cfg['image_size'], device=cfg['device']),
-                    cls=torch.zeros(b, dtype=torch.long, device=cfg['device']), path=[f'bench/{i}' for i in range(b)])
-    device = torch.device(cfg['device'])
-    with torch.no_grad():
-        nets, dry_flops, nfe = _network_passes(model, batch(1), device)
-    flops = dry_flops + sum((n['calls'] - 1) * n['flops'] for n in nets)
-    print(f'network passes of one batch-1 predict (random weights, {device}):')
-    for n in nets:
-        print(f"  {n['name']:<24}{str(list(n['input'])):<20}{n['calls']:>5} x {n['flops'] / 1e9:9.3f} GFLOPs, "
-              f"{n['ms']:9.1f} ms")
-    net_ms = sum(n['calls'] * n['ms'] for n in nets)
-    print(f'{flops / 1e9:.1f} GFLOPs/image | NFE {nfe} | network passes {net_ms:.1f} ms/image at batch 1')
+        return dict(image=torch.rand(b, 3, cfg['image_size'], cfg['image_size'], device=device),
+                    cls=torch.zeros(b, dtype=torch.long, device=device), path=[f'bench/{i}' for i in range(b)])
+    with FlopCounterMode(display=False) as counter:
+        _, _, passes, nfe = _network_passes(model, batch(1), device, reuse=True)
+    flops, nets = counter.get_total_flops(), []          # the shortened predict ran each pass once
+    print(f'network passes of a batch-1 predict (random weights, {device}):')
+    for (name, _), (calls, forward, args, kwargs) in passes.items():
+        with FlopCounterMode(display=False) as one:
+            forward(*args, **kwargs)
+        seconds = []                        # one forward; a fast one is repeated (median) for a stable ms
+        while not seconds or (len(seconds) < 10 and sum(seconds) < 0.2):
+            seconds.append(_timed(device, forward, *args, **kwargs)[1])
+        flops += (calls - 1) * one.get_total_flops()
+        nets.append(dict(name=name, input=next((list(a.shape) for a in args if torch.is_tensor(a)), []), calls=calls,
+                         flops=one.get_total_flops(), ms=1000 * np.median(seconds)))
+        print(f"  {name:<24}{str(nets[-1]['input']):<20}{calls:>5} x {nets[-1]['flops'] / 1e9:9.3f} GFLOPs, "
+              f"{nets[-1]['ms']:9.1f} ms")
+    print(f"{flops / 1e9:.1f} GFLOPs/image | NFE {nfe} | network passes "
+          f"{sum(n['calls'] * n['ms'] for n in nets):.1f} ms/image at batch 1")
     ms = {}
     for b in () if networks_only else (1, 32):
-        x = batch(b)
-        with torch.no_grad():
-            model.predict(x)                                     # warm-up
-            total, net = _timed_predict(model, x, device)
+        _network_passes(model, batch(b), device, reuse=False)           # warm-up
+        total, net, _, _ = _network_passes(model, batch(b), device, reuse=False)
         ms[b] = (1000 * total / b, 1000 * net / b)
         print(f'batch {b}: {ms[b][0]:.1f} ms/image on {device}, of which network passes {ms[b][1]:.1f} ms '
               f'(pipeline overhead {100 * (1 - net / total):.0f}%)')
     return dict(params=params, flops=flops, nfe=nfe, networks=nets, ms=ms)
 
 
-def _network_passes(model, x, device):
-    """One predict(x) in which every outermost module call below the model (each network pass,
-    whatever the method names it) is counted, and only the first call per network and input shape
-    runs: later calls return a copy of its output. Numbers (timesteps) do not enter the key, so an
-    NFE loop costs one pass. Each first call's inputs are then re-run once under a FLOP counter and
-    timed. Returns the passes, the FLOPs of this shortened predict and its NFE."""
+def _timed(device, fn, *args, **kwargs):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def _network_passes(model, x, device, reuse):
+    """predict(x) with every outermost module call below the model (each network pass, whatever the
+    method names it) timed and counted per (network, input shapes). reuse=True runs only the first
+    call of each and returns copies of its output afterwards; numbers (timesteps) are not part of
+    the key, so an NFE loop costs one pass. Returns the seconds of predict, the seconds spent in
+    network passes, {key: [calls, forward, args, kwargs]} and the NFE predict reports."""
     from torch.utils._pytree import tree_map
-    from torch.utils.flop_counter import FlopCounterMode
     names = {m: n for n, m in model.named_modules() if m is not model}
-    depth, first, calls = [0], {}, {}
+    depth, spent, passes, first_out = [0], [0.0], {}, {}
 
     def signature(v):
-        if torch.is_tensor(v):
-            return tuple(v.shape), v.dtype
-        return type(v).__name__ if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return (tuple(v.shape), v.dtype) if torch.is_tensor(v) else type(v).__name__ if number else repr(v)
 
     def wrap(module, forward):
         def counted(*args, **kwargs):
             if depth[0]:                                      # inside another network: part of its pass
                 return forward(*args, **kwargs)
             key = (names[module], str(tree_map(signature, (args, kwargs))))
-            calls[key] = calls.get(key, 0) + 1
-            if key not in first:
-                depth[0] += 1
-                try:
-                    first[key] = (forward, args, kwargs, forward(*args, **kwargs))
-                finally:
-                    depth[0] -= 1
-            return tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, first[key][3])
+            passes.setdefault(key, [0, forward, args, kwargs])[0] += 1
+            if reuse and key in first_out:
+                return tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, first_out[key])
+            depth[0] += 1
+            try:
+                out, seconds = _timed(device, forward, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+            spent[0], first_out[key] = spent[0] + seconds, out
+            return out
         return counted
     patched = [m for m in names if 'forward' not in vars(m)]
     for m in patched:
         m.forward = wrap(m, m.forward)
     try:
-        with FlopCounterMode(display=False) as counter:
-            nfe = model.predict(x).get('nfe', {})
+        out, total = _timed(device, model.predict, x)
     finally:
         for m in patched:
             del m.forward
-    nets = []
-    for key, (forward, args, kwargs, out) in first.items():
-        with FlopCounterMode(display=False) as one:
-            forward(*args, **kwargs)
-        seconds = []                        # one forward; a fast one is repeated (median) for a stable ms
-        while not seconds or (len(seconds) < 10 and sum(seconds) < 0.2):
-            _sync(device)
-            t0 = time.perf_counter()
-            forward(*args, **kwargs)
-            _sync(device)
-            seconds.append(time.perf_counter() - t0)
-        shape = next((tuple(a.shape) for a in args if torch.is_tensor(a)), ())
-        nets.append(dict(name=key[0], input=shape, calls=calls[key], flops=one.get_total_flops(),
-                         ms=1000 * float(np.median(seconds))))
-    return nets, counter.get_total_flops(), nfe
-
-
-def _timed_predict(model, x, device):
-    """Seconds of one predict(x), and the part spent inside network calls: the outermost nn.Module
-    calls below the model (every network pass, whatever the method names them). The rest is the
-    pipeline: schedules, noise, resizing, blur, scoring."""
-    depth, spent, t0 = [0], [0.0], [0.0]
-
-    def enter(module, args):
-        if module is not model:
-            if depth[0] == 0:
-                _sync(device)
-                t0[0] = time.perf_counter()
-            depth[0] += 1
-
-    def leave(module, args, out):
-        if module is not model:
-            depth[0] -= 1
-            if depth[0] == 0:
-                _sync(device)
-                spent[0] += time.perf_counter() - t0[0]
-    hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
-             nn.modules.module.register_module_forward_hook(leave)]
-    try:
-        _sync(device)
-        start = time.perf_counter()
-        model.predict(x)
-        _sync(device)
-        return time.perf_counter() - start, spent[0]
-    finally:
-        for h in hooks:
-            h.remove()
+    return total, spent[0], passes, out.get('nfe', {})
 
 
 def bench_metrics(n=100, size=256):

@@ -174,23 +174,20 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize('method', common.METHODS)
-def test_bench_costs_each_network_pass_once_and_counts_the_rest(method):
+def test_bench_costs_each_network_pass_once_and_counts_the_rest(method, capsys):
     """--bench runs each network once per input shape and multiplies by its call count, so that
     paper-scale models can be costed: the FLOPs must equal those of the whole predict, and the
     method's own forwards must be restored afterwards."""
     from torch.utils.flop_counter import FlopCounterMode
     module = __import__(method)
+    r = E.bench(method, ['--device', 'cpu', '--networks_only'])
     cfg = common.get_config(module.config, module.PRESETS, ['--device', 'cpu'], module.__file__)
-    torch.manual_seed(0)
     model = module.Model(cfg).eval()
-    x = dict(image=torch.rand(1, 3, cfg['image_size'], cfg['image_size']), cls=torch.zeros(1, dtype=torch.long),
-             path=['bench/0'])
-    with torch.no_grad():
-        nets, dry, nfe = E._network_passes(model, x, torch.device('cpu'))
-        with FlopCounterMode(display=False) as full:
-            out = model.predict(x)
-    assert nfe == out['nfe'] and all(n['ms'] > 0 and n['calls'] >= 1 for n in nets)
-    assert dry + sum((n['calls'] - 1) * n['flops'] for n in nets) == full.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as full:
+        out = model.predict(dict(image=torch.rand(1, 3, cfg['image_size'], cfg['image_size']),
+                                 cls=torch.zeros(1, dtype=torch.long), path=['bench/0']))
+    assert r['flops'] == full.get_total_flops() and r['nfe'] == out['nfe'] and r['ms'] == {}
+    assert all(n['ms'] > 0 and n['calls'] >= 1 for n in r['networks'])
     assert not any('forward' in vars(m) for m in model.modules())
 
 
@@ -210,7 +207,7 @@ def test_bench_counts_parameters_flops_and_separates_network_time(capsys):
         def predict(self, batch):
             out = self.net(batch['image'])
             time.sleep(0.02)
-            return out
+            return dict(map=out[:, 0], nfe={'net': 1})
     model, x = Slow(), torch.rand(1, 3, 8, 8)
-    total, spent = E._timed_predict(model, dict(image=x), torch.device('cpu'))
-    assert 0 < spent < 0.01 and total >= spent + 0.02
+    total, spent, passes, _ = E._network_passes(model, dict(image=x), torch.device('cpu'), reuse=False)
+    assert 0 < spent < 0.01 and total >= spent + 0.02 and [(k[0], p[0]) for k, p in passes.items()] == [('net', 1)]
