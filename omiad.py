@@ -323,6 +323,20 @@ def bce(logits, target):
 # the model: frozen backbone, AMDM teacher eps_phi, one-step generator g_theta
 
 
+class Pixels(nn.Module):
+    """The weight-free 'pixels' backbone of the tiny preset: the image resized (antialiased) to
+    4S x 4S and every 4x4 block stacked into one 48-channel vector (space-to-depth), (B, 3, 4S, 4S)
+    -> (B, 48, S, S). No parameters; a module so that it is a network pass like the EfficientNet."""
+
+    def __init__(self, S):
+        super().__init__()
+        self.S = S
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(4 * self.S, 4 * self.S), mode='bilinear', antialias=True, align_corners=False)
+        return F.pixel_unshuffle(x, 4)
+
+
 class Model(nn.Module):
     INFER_KEYS = ('use_teacher', 'teacher_steps', 'score_kernel', 't_init')
     SCORE_RULE = 'max of the avg-pooled (16 px at 224) map; map = sum_c (x0 - x0_hat)^2 upsampled'
@@ -330,7 +344,7 @@ class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.backbone, C = None, 48                                   # 'pixels': 3 x 4 x 4 values per cell
+        self.backbone, C = Pixels(cfg['feat_size']), 48               # 'pixels': 3 x 4 x 4 values per cell
         if cfg['backbone'] == 'efficientnet_b4':                      # built here, weights set by train()
             self.backbone = timm.create_model(BACKBONE.split('.')[0], pretrained=False, features_only=True,
                                               out_indices=(0, 1, 2, 3)).eval().requires_grad_(False)
@@ -346,8 +360,7 @@ class Model(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        if self.backbone is not None:
-            self.backbone.eval()                # frozen: BatchNorm statistics never change
+        self.backbone.eval()                    # frozen: BatchNorm statistics never change
         return self
 
     @torch.no_grad()
@@ -357,9 +370,8 @@ class Model(nn.Module):
         it stacked into one 48-channel vector (space-to-depth; C = 48, no weights)."""
         x = (image - self.pixel_mean) / self.pixel_std
         s = self.cfg['feat_size']
-        if self.backbone is None:
-            x = F.interpolate(x, size=(4 * s, 4 * s), mode='bilinear', antialias=True, align_corners=False)
-            x0 = F.pixel_unshuffle(x, 4)                               # (B, 48, S, S)
+        if isinstance(self.backbone, Pixels):
+            x0 = self.backbone(x)                                      # (B, 48, S, S)
         else:
             x0 = torch.cat([F.interpolate(m.float(), size=(s, s), mode='bilinear', antialias=True)
                             for m in self.backbone(x)], 1)             # (B, 272, S, S)
@@ -668,8 +680,7 @@ def train(cfg):
     data = common.load_dataset(cfg, 'train')
     if state is None:
         setup_backbone(model, cfg, data)
-    n = {k: sum(p.numel() for p in getattr(model, k).parameters()) / 1e6 if getattr(model, k) else 0.0
-         for k in ('backbone', 'teacher', 'generator')}
+    n = {k: sum(p.numel() for p in getattr(model, k).parameters()) / 1e6 for k in ('backbone', 'teacher', 'generator')}
     common.print0(f"parameters: backbone {n['backbone']:.2f} M (frozen, {cfg['backbone_source']['id']}), "
                   f"teacher {n['teacher']:.2f} M, generator {n['generator']:.2f} M "
                   f"(+ student score psi {n['teacher']:.2f} M while distilling)")

@@ -131,7 +131,7 @@ def test_pixel_features_are_space_to_depth(tmp_path):
     x0 = model.features(image)
     small = F.interpolate((image - model.pixel_mean) / model.pixel_std, size=(32, 32), mode='bilinear',
                           antialias=True, align_corners=False)
-    assert x0.shape == (2, 48, 8, 8) and model.backbone is None
+    assert x0.shape == (2, 48, 8, 8) and isinstance(model.backbone, omiad.Pixels)
     assert torch.equal(x0[:, 16 * 2 + 4 * 1 + 3, 5, 6], small[:, 2, 4 * 5 + 1, 4 * 6 + 3])
 
 
