@@ -6,7 +6,7 @@ $ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS
 $ python eval.py --compare out/                                     # one table over all runs
 $ python eval.py --predict out/<run>/ckpt.pt image.png              # score + heatmap, one image
                                           #   (--category NAME for a multi-class model)
-$ python eval.py --bench omiad --preset paper --device cuda         # parameters, FLOPs, speed
+$ python eval.py --bench omiad --preset paper --device cuda [--networks_only]   # params, FLOPs, speed
 $ python eval.py --bench metrics                                    # speed of the pixel metrics
 $ python eval.py --baselines --data synthetic                       # the mean and zscore baselines
 
