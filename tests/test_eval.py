@@ -174,7 +174,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize('method', common.METHODS)
-def test_bench_costs_each_network_pass_once_and_counts_the_rest(method, capsys):
+def test_bench_costs_each_network_pass_once_and_counts_the_rest(method):
     """--bench runs each network once per input shape and multiplies by its call count, so that
     paper-scale models can be costed: the FLOPs must equal those of the whole predict, and the
     method's own forwards must be restored afterwards."""
@@ -183,11 +183,14 @@ def test_bench_costs_each_network_pass_once_and_counts_the_rest(method, capsys):
     r = E.bench(method, ['--device', 'cpu', '--networks_only'])
     cfg = common.get_config(module.config, module.PRESETS, ['--device', 'cpu'], module.__file__)
     model = module.Model(cfg).eval()
+    x = dict(image=torch.rand(1, 3, cfg['image_size'], cfg['image_size']), cls=torch.zeros(1, dtype=torch.long),
+             path=['bench/0'])
     with torch.no_grad(), FlopCounterMode(display=False) as full:
-        out = model.predict(dict(image=torch.rand(1, 3, cfg['image_size'], cfg['image_size']),
-                                 cls=torch.zeros(1, dtype=torch.long), path=['bench/0']))
+        out = model.predict(x)
     assert r['flops'] == full.get_total_flops() and r['nfe'] == out['nfe'] and r['ms'] == {}
     assert all(n['ms'] > 0 and n['calls'] >= 1 for n in r['networks'])
+    with torch.no_grad():
+        E._network_passes(model, x, torch.device('cpu'), reuse=True)
     assert not any('forward' in vars(m) for m in model.modules())
 
 
