@@ -88,6 +88,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _timed(device, fn, *args, **kwargs):
+    """(fn(*args, **kwargs), its seconds), with CUDA synchronised before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
 @torch.no_grad()
 def _infer(model, dataset, batch_size, size, timer):
     """Predict a category; maps resized to size x size. Only image, cls and path reach the model."""
@@ -96,11 +105,8 @@ def _infer(model, dataset, batch_size, size, timer):
         x = dict(image=batch['image'].to(device), cls=batch['cls'].to(device), path=batch['path'])
         if timer['n'] == 0:
             model.predict(x)                      # warm-up (cudnn autotune, lazy init): not timed
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model.predict(x)
-        _sync(device)
-        timer['s'], timer['n'], timer['nfe'] = timer['s'] + time.perf_counter() - t0, timer['n'] + len(x['path']), out.get('nfe', {})
+        out, seconds = _timed(device, model.predict, x)
+        timer['s'], timer['n'], timer['nfe'] = timer['s'] + seconds, timer['n'] + len(x['path']), out.get('nfe', {})
         m = F.interpolate(out['map'][:, None].float(), size=(size, size), mode='bilinear', align_corners=False)
         outs['map'].append(m[:, 0].cpu().numpy())
         outs['score'].append(out['score'].double().cpu().numpy())
@@ -342,14 +348,6 @@ def bench(method, argv):
         print(f'batch {b}: {ms[b][0]:.1f} ms/image on {device}, of which network passes {ms[b][1]:.1f} ms '
               f'(pipeline overhead {100 * (1 - net / total):.0f}%)')
     return dict(params=params, flops=flops, nfe=nfe, networks=nets, ms=ms)
-
-
-def _timed(device, fn, *args, **kwargs):
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    _sync(device)
-    return out, time.perf_counter() - t0
 
 
 def _network_passes(model, x, device, reuse):
