@@ -144,7 +144,7 @@ PRESETS = {
     'paper': {},
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level
     # U-Net, t_init chosen on validation Perlin proxies (see the module docstring)
-    'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feat_size=32, bn_images=128, ch=32,
+    'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feat_size=32, ch=32,
                  ch_mult=(1, 2, 4), num_res_blocks=1, attn_res=(8,), heads=4, amdm_steps=1200, ema_decay=0.99,
                  asd_steps=200, t_init=100, psi_warmup=50, adv_start=100, val_images=64,
                  log_interval=50, ckpt_interval=250),
@@ -344,8 +344,9 @@ class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.backbone, C = Pixels(cfg['feat_size']), 48               # 'pixels': 3 x 4 x 4 values per cell
-        if cfg['backbone'] == 'efficientnet_b4':                      # built here, weights set by train()
+        if cfg['backbone'] == 'pixels':
+            self.backbone, C = Pixels(cfg['feat_size']), 48           # 3 x 4 x 4 values per cell
+        else:                                                         # built here, weights set by train()
             self.backbone = timm.create_model(BACKBONE.split('.')[0], pretrained=False, features_only=True,
                                               out_indices=(0, 1, 2, 3)).eval().requires_grad_(False)
             C = sum(self.backbone.feature_info.channels())            # 24 + 32 + 56 + 160 = 272
@@ -366,13 +367,12 @@ class Model(nn.Module):
     @torch.no_grad()
     def features(self, image):
         """x0 (B, C, S, S), S = feat_size: stage 1-4 maps of the frozen backbone, each resized to S and
-        concatenated (C = 272); or ('pixels') the normalised image resized to 4S, every 4x4 block of
-        it stacked into one 48-channel vector (space-to-depth; C = 48, no weights)."""
+        concatenated (C = 272); or the 48-channel space-to-depth blocks of Pixels."""
         x = (image - self.pixel_mean) / self.pixel_std
-        s = self.cfg['feat_size']
         if isinstance(self.backbone, Pixels):
             x0 = self.backbone(x)                                      # (B, 48, S, S)
         else:
+            s = self.cfg['feat_size']
             x0 = torch.cat([F.interpolate(m.float(), size=(s, s), mode='bilinear', antialias=True)
                             for m in self.backbone(x)], 1)             # (B, 272, S, S)
         return (x0 - self.feat_mean) / self.feat_std               # identity unless feat_norm
@@ -524,16 +524,15 @@ def train_amdm(model, cfg, data, x0, state, clock):
 
 
 @torch.no_grad()
-def val_error(model, x0_val, paths, net=None):
-    """Mean reconstruction error S of one generator step on normal validation features, with
-    fixed per-image noise; net=None uses the generator."""
+def val_error(model, x0_val, eps_val, net=None):
+    """Mean reconstruction error S of one generator step on normal validation features x0_val,
+    with their fixed per-image noise eps_val (CPU tensors); net=None uses the generator."""
     cfg, err = model.cfg, 0.0
-    for x0, p in zip(x0_val.split(64), [paths[i:i + 64] for i in range(0, len(paths), 64)]):
-        x0 = x0.to(cfg['device'])
-        eps = common.sample_noise(x0.shape[1:], cfg['seed'], p, x0.device)
+    for x0, eps in zip(x0_val.split(64), eps_val.split(64)):
+        x0, eps = x0.to(cfg['device']), eps.to(cfg['device'])
         x0_hat = model.generate(net or model.generator, x0, eps, cfg['t_init'])
         err += ((x0 - x0_hat) ** 2).sum(1).mean((1, 2)).sum().item()
-    return err / len(paths)
+    return err / len(x0_val)
 
 
 def psi_update(model, psi, opt, x0, x_g, gen, cfg):
@@ -583,11 +582,11 @@ def generator_update(model, g, psi, opt_g, x_g, gen, cfg, use_adv):
     return loss, l_sid, l_adv
 
 
-def check_drift(model, x0_val, paths, ref, step):
+def check_drift(model, x0_val, eps_val, ref, step):
     """Generator / teacher validation error (averaged over ranks, so all ranks decide alike);
     stops training above drift_max, before the drifted weights reach the checkpoint."""
     cfg = model.cfg
-    r = torch.tensor(val_error(model, x0_val, paths) / ref, device=cfg['device'])
+    r = torch.tensor(val_error(model, x0_val, eps_val) / ref, device=cfg['device'])
     if dist.is_initialized():
         dist.all_reduce(r)
         r /= dist.get_world_size()
@@ -614,7 +613,8 @@ def train_asd(model, cfg, data, x0_train, state, clock):
     val = common.load_dataset(cfg, 'val')
     val = val.subset(torch.linspace(0, len(val) - 1, min(cfg['val_images'], len(val))).long())
     x0_val = extract(model, val)
-    ref, step = val_error(model, x0_val, val.paths, model.teacher), 0   # teacher one-step error
+    eps_val = common.sample_noise(x0_val.shape[1:], cfg['seed'], val.paths)   # drawn once, reused per check
+    ref, step = val_error(model, x0_val, eps_val, model.teacher), 0    # teacher one-step error
     if state:
         psi.load_state_dict(state['psi'])
         opt_g.load_state_dict(state['opt_g'])
@@ -639,7 +639,7 @@ def train_asd(model, cfg, data, x0_train, state, clock):
             common.check_finite(loss_g, step, ckpt_path)
             opt_g.step()
         if (step + 1) % cfg['log_interval'] == 0 or step + 1 == cfg['asd_steps']:
-            drift = check_drift(model, x0_val, val.paths, ref, step + 1)   # before a save
+            drift = check_drift(model, x0_val, eps_val, ref, step + 1)     # before a save
             common.print0(f"asd step {step + 1}/{cfg['asd_steps']} | psi {l_score.item():.4f} | "
                           f"D {l_d.item():.3f} | sid {l_sid.item():.2e} | adv {l_adv.item():.3f} | "
                           f"val err x{drift:.3f} teacher | lr {cfg['asd_lr']:.1e} | "
