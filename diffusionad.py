@@ -128,7 +128,6 @@ config = dict(
     beta=(0.2, 0.8),         # opacity range of Eq. 12
     foreground=False,        # restrict synthetic anomalies to an estimated object foreground
 )
-config.update(batch_size=16, image_size=256, log_interval=100, ckpt_interval=1000)
 
 PRESETS = {
     'paper': dict(category='each', foreground=True),
@@ -444,13 +443,13 @@ def train_step(net, model, opts, batch, cfg, step):
     common.all_reduce_grads(model.parameters())
     for opt in opts:
         opt.step()
-    average_bn_statistics(model.seg)
     return loss.item(), l_noise.item(), l_mask.item()
 
 
 def average_bn_statistics(net):
     """Without SyncBatchNorm (CPU) every rank's BatchNorm tracks its own share of the batch: average
-    the running statistics over ranks so that all ranks hold the same model."""
+    the running statistics over ranks so that all ranks hold the same model. Training reads only
+    batch statistics and the running update is linear, so this is done once per checkpoint."""
     _, world = common.rank_world()
     if world > 1:
         for m in net.modules():
@@ -506,6 +505,7 @@ def train(cfg):
                            f'lr {lr:.1e} seg {lr_seg:.1e} | {n / (time.time() - t_log):.2f} it/s')
             t_log, avg = time.time(), np.zeros(4)
         if done % cfg['ckpt_interval'] == 0 or done == steps:
+            average_bn_statistics(model.seg)
             common.save(ckpt_path, model, opt_unet=opts[0].state_dict(), opt_seg=opts[1].state_dict(),
                         step=done, train_seconds=seconds + time.time() - t0)
     return model.eval(), seconds + time.time() - t0
