@@ -619,13 +619,12 @@ def lr_at(step, steps, lr, min_lr, warmup):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
-def fit(model, stage_name, params, loss_fn, data, cfg, run, transform=None):
-    """One training stage: AdamW with warm-up + cosine, per-step generators, exact resume, logging,
-    periodic checkpoints that record the stage. run = dict(ckpt, seconds, t0, path). The small AE
-    warms up for 50 steps and decays to 0; the corrector uses the paper's schedule (Sec. 5.1)."""
+def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=None):
+    """One training stage: AdamW with schedule = (steps, lr, min_lr, warmup) for lr_at, per-step
+    generators, exact resume, logging, periodic checkpoints that record the stage.
+    run = dict(ckpt, seconds, t0, path)."""
     rank, _ = common.rank_world()
-    steps, lr, min_lr, warmup = ((cfg['ae_steps'], cfg['ae_lr'], 0.0, 50) if stage_name == 'ae' else
-                                 (cfg['steps'], cfg['lr'], cfg['min_lr'], cfg['warmup_steps']))
+    steps, lr, min_lr, warmup = schedule
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg['weight_decay'])
     step, ckpt = 0, run['ckpt']
     if ckpt is not None and ckpt['stage'] == stage_name:
@@ -633,7 +632,7 @@ def fit(model, stage_name, params, loss_fn, data, cfg, run, transform=None):
         step = ckpt['step']
     batches = common.train_batches(data, cfg, step, transform)
     bar = tqdm(total=steps, initial=step, desc=stage_name, disable=rank != 0, leave=False)
-    t_log, elapsed = time.time(), lambda: run['seconds'] + time.time() - run['t0']
+    t_log, step_log, elapsed = time.time(), step, lambda: run['seconds'] + time.time() - run['t0']
     while step < steps:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, steps, lr, min_lr, warmup)
@@ -648,8 +647,8 @@ def fit(model, stage_name, params, loss_fn, data, cfg, run, transform=None):
         bar.update()
         if step % cfg['log_interval'] == 0 or step == steps:
             common.print0(f"{stage_name} step {step}/{steps} | loss {loss.item():.4f} | lr "
-                          f"{opt.param_groups[0]['lr']:.1e} | {cfg['log_interval'] / (time.time() - t_log):.1f} it/s")
-            t_log = time.time()
+                          f"{opt.param_groups[0]['lr']:.1e} | {(step - step_log) / (time.time() - t_log):.1f} it/s")
+            t_log, step_log = time.time(), step
         if step % cfg['ckpt_interval'] == 0 or step == steps:
             common.save(run['path'], model, opt=opt.state_dict(), step=step, stage=stage_name,
                         train_seconds=elapsed())
@@ -699,7 +698,8 @@ def train(cfg):
     if cfg['vae'] == 'small' and (ckpt is None or ckpt['stage'] == 'ae'):
         model.vae.requires_grad_(True).train()
         anomaly = functools.partial(common.perlin_anomaly, p=cfg['ae_anomaly'], dtd_root=cfg['dtd_root'])
-        fit(model, 'ae', list(model.vae.parameters()), autoencoder_loss, data, cfg, run, anomaly)
+        fit(model, 'ae', list(model.vae.parameters()), autoencoder_loss, data, cfg, run,
+            (cfg['ae_steps'], cfg['ae_lr'], 0.0, 50), anomaly)          # 50 warm-up steps, decay to 0
         model.vae.requires_grad_(False)
     model.vae.eval()
     latents = encode_dataset(model, data, cfg)
@@ -708,7 +708,8 @@ def train(cfg):
     model.unet.train()
     if cfg['compile']:
         model.unet.compile()                              # in place: state-dict keys are unchanged
-    fit(model, 'diffusion', list(model.unet.parameters()), corrector_loss, latents, cfg, run)
+    fit(model, 'diffusion', list(model.unet.parameters()), corrector_loss, latents, cfg, run,
+        (cfg['steps'], cfg['lr'], cfg['min_lr'], cfg['warmup_steps']))   # the paper's schedule (Sec. 5.1)
     return model.eval(), run['seconds'] + time.time() - run['t0']
 
 
