@@ -114,6 +114,14 @@ def test_sid_gradient_matches_x0_form():
     assert torch.allclose(grads[0], grads[1], rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize('k', [1, 3, 9, 16])
+def test_max_box_mean_is_max_of_avg_pool(k):
+    amap = torch.rand((5, 1, 40, 33), generator=torch.Generator().manual_seed(k)) * 100
+    amap[2, 0, 30:, 20:] += 1e4                                  # a peak in the corner region
+    expected = F.avg_pool2d(amap.double(), k, stride=1).flatten(1).amax(1)
+    assert torch.allclose(omiad.max_box_mean(amap, k).double(), expected, rtol=1e-6, atol=0)
+
+
 def test_discriminator_map_shape(tmp_path):
     cfg = tiny_cfg(tmp_path, '--ch_mult', '1,2,2')
     net = omiad.UNet(cfg, 272)
