@@ -316,11 +316,12 @@ def sid_loss(eps_phi, eps_psi, eps, t, abar, alpha):
 
 def max_box_mean(amap, k):
     """UniAD's image score: the max over positions of the k x k mean of amap (B, 1, H, W), i.e.
-    F.avg_pool2d(amap, k, stride=1).amax(), from an integral image (float64, so the differences of
-    large prefix sums stay exact to float32): O(1) per position instead of O(k^2)."""
-    c = F.pad(amap.double(), (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
-    box = c[..., k:, k:] - c[..., :-k, k:] - c[..., k:, :-k] + c[..., :-k, :-k]
-    return (box.flatten(1).amax(1) / k ** 2).float()
+    F.avg_pool2d(amap, k, stride=1).amax(), with the box sums taken from running sums one axis at a
+    time (differences of prefix sums): O(1) per position instead of O(k^2). float32, so any device."""
+    for dim in (-1, -2):
+        c = F.pad(amap.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))   # c[i] = sum of amap[:i]
+        amap = c.narrow(dim, k, c.shape[dim] - k) - c.narrow(dim, 0, c.shape[dim] - k)
+    return amap.flatten(1).amax(1) / k ** 2
 
 
 def bce(logits, target):
