@@ -39,7 +39,7 @@ Deviations from paper and official code (farzad-bz/DeCo-Diff), and assumptions:
 - One latent patch size per batch (the official code; needed to shuffle patches across the batch),
   drawn from {1,2,4,8} with the paper-era code's probabilities (.4,.3,.2,.1); the paper is silent.
   The current official code's {1,...,16} (.3,.25,.2,.15,.1) lowered the tiny preset's validation
-  proxy (seed 0: 90.2 / 84.0 -> 84.1 / 82.8 image / pixel AUROC).
+  proxy (below; seed 0: 90.2 / 84.0 -> 84.1 / 82.8 image / pixel AUROC).
 - The learning rate follows warm-up and cosine per step (1e-4 -> 1e-5, as the paper says), not per
   epoch as the official code. The training set is train/good minus val_frac=0.1, like the
   official split (the validation part is unused there too).
