@@ -239,18 +239,26 @@ def test_predictions_identical_after_save_load_in_a_fresh_process(tmp_path):
 
 def test_exact_resume_across_both_stages(tmp_path, monkeypatch):
     """Interrupted in the autoencoder stage or in the corrector stage, --resume ends with the same
-    weights as the uninterrupted run (dropout on, to include its randomness)."""
-    save = common.save
+    weights as the uninterrupted run (dropout on, to include its randomness). The autoencoder
+    stage draws batches of ae_batch_size, the corrector batches of batch_size."""
+    save, ae_loss, sizes = common.save, d.autoencoder_loss, []
 
     def save_and_keep(path, model, **state):
         save(path, model, **state)
         shutil.copy(path, f"{path}.{state['stage']}{state['step']}")
+
+    def ae_loss_spy(model, batch, gen, cfg):
+        sizes.append(len(batch['image']))
+        return ae_loss(model, batch, gen, cfg)
     monkeypatch.setattr(common, 'save', save_and_keep)
-    straight, _ = d.train(small_cfg(tmp_path / 'a', '--dropout', '0.2'))
+    monkeypatch.setattr(d, 'autoencoder_loss', ae_loss_spy)
+    args = ('--dropout', '0.2', '--ae_batch_size', '2')
+    straight, _ = d.train(small_cfg(tmp_path / 'a', *args))
+    assert sizes == [2] * 4 and straight.cfg['batch_size'] == 4
     for copy in ('ae2', 'diffusion2'):
         os.makedirs(tmp_path / copy)
         shutil.copy(tmp_path / 'a' / f'ckpt.pt.{copy}', tmp_path / copy / 'ckpt.pt')
-        resumed, _ = d.train(small_cfg(tmp_path / copy, '--dropout', '0.2', '--resume'))
+        resumed, _ = d.train(small_cfg(tmp_path / copy, *args, '--resume'))
         a, b = straight.state_dict(), resumed.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), copy
 
