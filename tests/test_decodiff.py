@@ -263,7 +263,7 @@ def test_exact_resume_across_both_stages(tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), copy
 
 
-def test_clear_errors_for_user_mistakes(tmp_path):
+def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='vae_weights'):
         d.train(small_cfg(tmp_path, '--vae', 'sd'))
     with pytest.raises(common.UserError, match='reverse steps'):
@@ -272,3 +272,6 @@ def test_clear_errors_for_user_mistakes(tmp_path):
         d.train(small_cfg(tmp_path, '--patch_sizes', '1,16'))
     with pytest.raises(common.UserError, match='strategy'):
         tiny_model(strategy='bogus').correct(torch.zeros(1, 4, 8, 8), None)
+    monkeypatch.setattr(common, 'rank_world', lambda: (0, 3))    # as if under torchrun with 3 ranks
+    with pytest.raises(common.UserError, match='--ae_batch_size 2 must be divisible by the 3 ranks'):
+        d.train(small_cfg(tmp_path, '--ae_batch_size', '2'))
