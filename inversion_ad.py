@@ -50,8 +50,9 @@ Deviations and assumptions:
   "Ours*" tunes S per class on the test set): the last checkpoint is evaluated;
 - tiny preset (CPU), how each value was chosen: grid 32 (the best pixel probe above, stride 4 at
   128 px); U-Net width 32, levels 32/16/8, attention at 8x8, 1 ResBlock per level (1.1 M; 0.4 CPU-s
-  per step of 16, where the 64-wide 2-level net costs 1.5 s), 24 epochs = 864 steps at lr 1e-3,
-  batch 16 (the spec's smoke setting, cut to the 10-minute budget); one multi-class model.
+  per step of 16, where the 64-wide 2-level net costs 1.5 s), 48 epochs = 1728 steps at lr 1e-3,
+  batch 16 (what the 10-minute budget allows: training 419 s; on the validation proxy below, seed 0,
+  24 epochs scored 94.0 / 87.7 image / pixel AUROC, 48 epochs 95.2 / 88.8); one multi-class model.
   S = 10 instead of 2: every timestep list starts at t = 0, and at S = 2 the latent is essentially
   eps_theta(z0, 0), which on raw pixels measures local high-frequency energy rather than normality
   (a defect that removes texture scores lower than normal texture: S = 2 scored 49.4 / 50.2 on the
@@ -110,7 +111,7 @@ config.update(batch_size=8, image_size=256)
 PRESETS = {
     'paper': dict(category='each'),   # one model per category, as the paper
     'tiny': dict(backbone='pixels', image_size=128, feature_size=32, channels=32, channel_mult=(1, 2, 2),
-                 num_res_blocks=1, attn_ds=(4,), num_heads=4, S=10, batch_size=16, epochs=24, warmup_epochs=2, lr=1e-3,
+                 num_res_blocks=1, attn_ds=(4,), num_heads=4, S=10, batch_size=16, epochs=48, warmup_epochs=2, lr=1e-3,
                  init_lr=1e-5, min_lr=1e-5, log_interval=100, ckpt_interval=500),
 }
 S_RANGE = range(2, 11)   # the inversion lengths the validation statistics are stored for
