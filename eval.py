@@ -265,8 +265,9 @@ def compare(root):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
         if os.path.isfile(parent) and json.load(open(parent)).get('category') == 'each':
             continue
-        r = json.load(open(path))
-        runs.setdefault((r['method'], r['data'], r['category'], r['preset']), []).append(r)
+        r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
+        preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '')   # an override: own row, not a seed
+        runs.setdefault((r['method'], r['data'], r['category'], preset), []).append(r)
     if not runs:
         raise UserError(f'no results.json under {root}')
     print(f"{'method / data / category / preset':<40}{'seeds':>6}" + ''.join(f'{n:>13}' for n in NAMES)

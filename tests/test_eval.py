@@ -3,6 +3,7 @@ trained, evaluated, resumed and compared; heatmaps, overrides, --predict, edge c
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -153,8 +154,11 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     r = json.load(open(tmp_path / 's0' / 'results.json'))
     os.makedirs(tmp_path / 'each')
     json.dump(dict(r, category='each', missing=['grain']), open(tmp_path / 'each' / 'results.json', 'w'))
+    os.makedirs(tmp_path / 's0' / 'eval_steps3')        # what `eval.py ckpt --<infer key> v` writes
+    shutil.copy(tmp_path / 's0' / 'results.json', tmp_path / 's0' / 'eval_steps3')
     runs = E.compare(str(tmp_path))
     assert len(runs[('toy_method', 'synthetic', 'weave', 'tiny')]) == 2
+    assert len(runs[('toy_method', 'synthetic', 'weave', 'tiny eval_steps3')]) == 1
     printed = capsys.readouterr().out
     assert 'INCOMPLETE' in printed and '+-' in printed
     with pytest.raises(UserError, match='no results.json under'):
