@@ -709,9 +709,9 @@ def train(cfg):
         model.vae.requires_grad_(True).train()
         anomaly = functools.partial(common.perlin_anomaly, p=cfg['ae_anomaly'], dtd_root=cfg['dtd_root'])
         ae_cfg = dict(cfg, batch_size=cfg['ae_batch_size'] or cfg['batch_size'])
-        if ae_cfg['batch_size'] % common.rank_world()[1]:       # else common's error would name --batch_size
-            raise common.UserError(f"--ae_batch_size {ae_cfg['batch_size']} must be divisible by the "
-                                   f"{common.rank_world()[1]} ranks")
+        world = common.rank_world()[1]
+        if ae_cfg['batch_size'] % world:                       # else common's error would name --batch_size
+            raise common.UserError(f"--ae_batch_size {ae_cfg['batch_size']} must be divisible by the {world} ranks")
         fit(model, 'ae', list(model.vae.parameters()), autoencoder_loss, data, ae_cfg, run,
             (cfg['ae_steps'], cfg['ae_lr'], 0.0, 50), anomaly)          # 50 warm-up steps, decay to 0
         model.vae.requires_grad_(False)
