@@ -578,13 +578,14 @@ def _batch_keys(n, batch_size, seed, start_step, rank, world):
         step += 1
 
 
-def train_batches(dataset, cfg, start_step=0, transform=None):
-    """Endless iterator of training batches from start_step on, identical whether or not training
-    was interrupted. transform(sample, rng) may add a synthetic anomaly (perlin_anomaly)."""
+def train_batches(dataset, cfg, start_step=0, transform=None, size_key='batch_size'):
+    """Endless iterator of training batches of cfg[size_key] (global) from start_step on, identical
+    whether or not training was interrupted. transform(sample, rng) may add a synthetic anomaly
+    (perlin_anomaly). size_key names the flag in the error a user gets under torchrun."""
     rank, world = rank_world()
-    if cfg['batch_size'] % world:
-        raise UserError(f"--batch_size {cfg['batch_size']} must be divisible by the {world} ranks")
-    sampler = _batch_keys(len(dataset), cfg['batch_size'], cfg['seed'], start_step, rank, world)
+    if cfg[size_key] % world:
+        raise UserError(f"--{size_key} {cfg[size_key]} must be divisible by the {world} ranks")
+    sampler = _batch_keys(len(dataset), cfg[size_key], cfg['seed'], start_step, rank, world)
     loader = torch.utils.data.DataLoader(
         _Keyed(dataset, transform, cfg['seed']), batch_sampler=sampler, num_workers=cfg['num_workers'],
         pin_memory='cuda' in cfg['device'], persistent_workers=cfg['num_workers'] > 0)

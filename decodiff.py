@@ -629,10 +629,10 @@ def lr_at(step, steps, lr, min_lr, warmup):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
-def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=None):
-    """One training stage: AdamW with schedule = (steps, lr, min_lr, warmup) for lr_at, per-step
-    generators, exact resume, logging, periodic checkpoints that record the stage.
-    run = dict(ckpt, seconds, t0, path)."""
+def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=None, size_key='batch_size'):
+    """One training stage: AdamW with schedule = (steps, lr, min_lr, warmup) for lr_at, batches of
+    cfg[size_key], per-step generators, exact resume, logging, periodic checkpoints that record the
+    stage. run = dict(ckpt, seconds, t0, path)."""
     rank, _ = common.rank_world()
     steps, lr, min_lr, warmup = schedule
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg['weight_decay'])
@@ -640,7 +640,7 @@ def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=
     if ckpt is not None and ckpt['stage'] == stage_name:
         opt.load_state_dict(ckpt['opt'])
         step = ckpt['step']
-    batches = common.train_batches(data, cfg, step, transform)
+    batches = common.train_batches(data, cfg, step, transform, size_key)
     bar = tqdm(total=steps, initial=step, desc=stage_name, disable=rank != 0, leave=False)
     t_log, step_log, elapsed = time.time(), step, lambda: run['seconds'] + time.time() - run['t0']
     while step < steps:
@@ -708,12 +708,9 @@ def train(cfg):
     if cfg['vae'] == 'small' and (ckpt is None or ckpt['stage'] == 'ae'):
         model.vae.requires_grad_(True).train()
         anomaly = functools.partial(common.perlin_anomaly, p=cfg['ae_anomaly'], dtd_root=cfg['dtd_root'])
-        ae_cfg = dict(cfg, batch_size=cfg['ae_batch_size'] or cfg['batch_size'])
-        world = common.rank_world()[1]
-        if ae_cfg['batch_size'] % world:                       # else common's error would name --batch_size
-            raise common.UserError(f"--ae_batch_size {ae_cfg['batch_size']} must be divisible by the {world} ranks")
-        fit(model, 'ae', list(model.vae.parameters()), autoencoder_loss, data, ae_cfg, run,
-            (cfg['ae_steps'], cfg['ae_lr'], 0.0, 50), anomaly)          # 50 warm-up steps, decay to 0
+        size_key = 'ae_batch_size' if cfg['ae_batch_size'] else 'batch_size'   # 0 = the corrector's
+        fit(model, 'ae', list(model.vae.parameters()), autoencoder_loss, data, cfg, run,
+            (cfg['ae_steps'], cfg['ae_lr'], 0.0, 50), anomaly, size_key)   # 50 warm-up steps, decay to 0
         model.vae.requires_grad_(False)
     model.vae.eval()
     latents = encode_dataset(model, data, cfg)

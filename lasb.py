@@ -571,7 +571,7 @@ def train_autoencoder(model, data, cfg, ckpt, clock):
     opt = torch.optim.Adam(ae.parameters(), lr=cfg['ae_lr'], betas=(0.5, 0.9))   # LDM's betas
     if ckpt:
         opt.load_state_dict(ckpt['opt'])
-    batches = common.train_batches(data, dict(cfg, batch_size=cfg['ae_batch_size']), step)
+    batches = common.train_batches(data, cfg, step, size_key='ae_batch_size')
     enc, dec = (torch.compile(m) if cfg['compile'] else m for m in (ae.encoder, ae.decoder))
     clock.update(step=step, tick=time.time())
     for step in tqdm(range(step, cfg['ae_steps']), desc='stage 1', disable=rank > 0, leave=False):

@@ -199,11 +199,14 @@ def test_exact_resume_across_both_stages(trained, tmp_path):
     assert cb['stage'] == 2 and cb['step'] == 4
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='nfe'):
         lasb.Model(micro_cfg(tmp_path, '--nfe', '1000'))
     with pytest.raises(common.UserError, match='latent'):
         lasb.Model(micro_cfg(tmp_path, '--latent', 'kl'))
     with pytest.raises(common.UserError, match='no checkpoint'):
         lasb.train(micro_cfg(tmp_path, '--resume'))
+    monkeypatch.setattr(common, 'rank_world', lambda: (0, 3))    # as if under torchrun with 3 ranks
+    with pytest.raises(common.UserError, match='--ae_batch_size 4 must be divisible by the 3 ranks'):
+        lasb.train(micro_cfg(tmp_path))
     shutil.rmtree(tmp_path, ignore_errors=True)
