@@ -39,8 +39,13 @@ No official code exists (the repo holds only a README). Choices where the paper 
     weights t ~ 1000 by 1/SNR ~ 2e4, gamma = SNR (the eps loss) explodes on masked positions at
     small t. Adam lr 1e-3, batch 32 (paper); gradient-norm clip 1 and an EMA teacher (assumed).
   * U-Net: guided-diffusion style (ResBlocks, GroupNorm, self-attention at low resolution, zero-
-    initialised output). Paper preset ch 256, mult (1,1,2,2), 2 blocks/level, attention at 8x8 and
-    4x4, 8 heads (InversionAD's configuration on the same 272-channel features; OmiAD gives none).
+    initialised output). Paper preset mult (1,1,2,2), 2 blocks/level, attention at 8x8 and 4x4,
+    8 heads, as InversionAD on the same 272-channel features (OmiAD gives none), but ch 288, not
+    256: every path to the output runs through the ch-wide top level, so a narrower net cannot
+    predict the noise in (C - ch) S^2 of the C S^2 feature directions, and there Eq. 10 leaves
+    sqrt((1 - abar)/abar) eps of pure noise in x0_hat, ~107 eps at t_init = 960: a floor of
+    ~16 x 11 500 per map position at ch 256. 288 is the narrowest GroupNorm-compatible width >= 272
+    (152 M parameters). Model warns when ch x ch_mult[0] < C.
   * ASD follows SiD/SiDA's code: lr 1e-5, Adam betas (0, 0.999), t ~ U{0..t_max}, psi-only
     warm-up, adversarial term in the generator loss only after adv_start steps, logits clamped to
     +-10, psi gradients clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf with wf the
@@ -81,6 +86,7 @@ import copy
 import math
 import os
 import time
+import warnings
 
 import timm
 import torch
@@ -109,7 +115,7 @@ config = dict(
     beta_1=1e-4,            # first beta of the linear schedule
     beta_T=0.02,            # last beta of the linear schedule
     # U-Net (eps-prediction; teacher, generator and student score share the architecture)
-    ch=256,                 # base width
+    ch=288,                 # base width (>= the 272 feature channels: see Model; InversionAD's is 256)
     ch_mult=(1, 1, 2, 2),   # width multiplier per resolution level
     num_res_blocks=2,       # ResBlocks per level on the down path
     attn_res=(8, 4),        # feature resolutions with self-attention
@@ -363,6 +369,11 @@ class Model(nn.Module):
             self.backbone = timm.create_model(BACKBONE.split('.')[0], pretrained=False, features_only=True,
                                               out_indices=(0, 1, 2, 3)).eval().requires_grad_(False)
             C = sum(self.backbone.feature_info.channels())            # 24 + 32 + 56 + 160 = 272
+        if cfg['ch'] * cfg['ch_mult'][0] < C:
+            warnings.warn(f"the U-Net's full-resolution width {cfg['ch'] * cfg['ch_mult'][0]} is below the {C} "
+                          'feature channels: its noise prediction cannot span every feature direction, and in '
+                          'the ones it misses x0_hat keeps sqrt((1 - abar)/abar) eps of pure noise (Eq. 10), '
+                          'which lands in every anomaly map; raise --ch')
         self.teacher = UNet(cfg, C).requires_grad_(False)          # eps_phi (AMDM)
         self.generator = UNet(cfg, C).requires_grad_(False)        # g_theta (initialised from phi)
         betas = torch.linspace(cfg['beta_1'], cfg['beta_T'], cfg['T'], dtype=torch.float64)

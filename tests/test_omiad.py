@@ -132,6 +132,21 @@ def test_discriminator_map_shape(tmp_path):
     assert torch.allclose(d, net.encode(x, t)[0][-1].mean(1))
 
 
+def test_unet_narrower_than_the_features_cannot_span_them(tmp_path):
+    """Every path to the output runs through the ch-wide top level, so eps_hat lies in a subspace of
+    dimension <= ch S^2 < C S^2: the Jacobian of a (randomised) U-Net is rank-deficient, and Model
+    warns. A net of width >= C exceeds that bound (GroupNorm alone keeps it a little below C S^2)."""
+    def rank(ch):
+        net = omiad.UNet(dict(tiny_cfg(tmp_path).items(), ch=ch, ch_mult=(1,), attn_res=()), 48)
+        torch.nn.init.normal_(net.out[-1].weight, std=0.1)           # undo the zero initialisation
+        x, t = torch.randn(1, 48, 2, 2), torch.tensor([500])
+        jac = torch.autograd.functional.jacobian(lambda v: net(v.view(1, 48, 2, 2), t).flatten(), x.flatten())
+        return torch.linalg.matrix_rank(jac).item()
+    assert rank(32) <= 32 * 4 < rank(64)
+    with pytest.warns(UserWarning, match='below the 48 feature channels'):
+        omiad.Model(tiny_cfg(tmp_path, '--ch', '32'))
+
+
 def test_pixel_features_are_space_to_depth(tmp_path):
     """backbone='pixels': x0[:, 16 c + 4 i + j, y, x] = normalised pixel (c, 4 y + i, 4 x + j)."""
     model = omiad.Model(tiny_cfg(tmp_path))                          # 64 px in, 8x8 grid -> 32 px
