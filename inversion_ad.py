@@ -111,7 +111,7 @@ config.update(batch_size=8, image_size=256)
 PRESETS = {
     'paper': dict(category='each'),   # one model per category, as the paper
     'tiny': dict(backbone='pixels', image_size=128, feature_size=32, channels=64, channel_mult=(1, 1, 1),
-                 num_res_blocks=1, attn_ds=(4,), num_heads=4, S=10, batch_size=16, epochs=32, warmup_epochs=2, lr=1e-3,
+                 num_res_blocks=1, attn_ds=(4,), num_heads=4, S=2, batch_size=16, epochs=32, warmup_epochs=2, lr=1e-3,
                  init_lr=1e-5, min_lr=1e-5, log_interval=100, ckpt_interval=500),
 }
 S_RANGE = range(2, 11)   # the inversion lengths the validation statistics are stored for
