@@ -153,9 +153,9 @@ PRESETS = {
     'paper': {},
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level
     # U-Net, t_init chosen on validation Perlin proxies (see the module docstring)
-    'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feat_size=32, ch=32,
-                 ch_mult=(1, 2, 4), num_res_blocks=1, attn_res=(8,), heads=4, amdm_steps=1200, ema_decay=0.99,
-                 asd_steps=200, t_init=100, psi_warmup=50, adv_start=100, val_images=64,
+    'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feat_size=32, ch=64,
+                 ch_mult=(1, 1, 2), num_res_blocks=1, attn_res=(8,), heads=4, amdm_steps=1200, ema_decay=0.99,
+                 asd_steps=100, t_init=100, psi_warmup=25, adv_start=50, val_images=64,
                  log_interval=50, ckpt_interval=250),
 }
 BACKBONE = 'tf_efficientnet_b4.aa_in1k'     # timm weights id (TF-ported, as UniAD's lukemelas B4)
