@@ -137,7 +137,7 @@ def test_unet_narrower_than_the_features_cannot_span_them(tmp_path):
     dimension <= ch S^2 < C S^2: the Jacobian of a (randomised) U-Net is rank-deficient, and Model
     warns. A net of width >= C exceeds that bound (GroupNorm alone keeps it a little below C S^2)."""
     def rank(ch):
-        net = omiad.UNet(dict(tiny_cfg(tmp_path).items(), ch=ch, ch_mult=(1,), attn_res=()), 48)
+        net = omiad.UNet(dict(tiny_cfg(tmp_path), ch=ch, ch_mult=(1,), attn_res=()), 48)
         torch.nn.init.normal_(net.out[-1].weight, std=0.1)           # undo the zero initialisation
         x, t = torch.randn(1, 48, 2, 2), torch.tensor([500])
         jac = torch.autograd.functional.jacobian(lambda v: net(v.view(1, 48, 2, 2), t).flatten(), x.flatten())
