@@ -377,8 +377,9 @@ class Model(nn.Module):
             self.backbone = timm.create_model(BACKBONE.split('.')[0], pretrained=False, features_only=True,
                                               out_indices=(0, 1, 2, 3)).eval().requires_grad_(False)
             C = sum(self.backbone.feature_info.channels())            # 24 + 32 + 56 + 160 = 272
-        if cfg['ch'] * cfg['ch_mult'][0] < C:
-            warnings.warn(f"the U-Net's full-resolution width {cfg['ch'] * cfg['ch_mult'][0]} is below the {C} "
+        width = cfg['ch'] * cfg['ch_mult'][0]                        # of the top level, the output's input
+        if width < C:
+            warnings.warn(f"the U-Net's full-resolution width {width} is below the {C} "
                           'feature channels: its noise prediction cannot span every feature direction, and in '
                           'the ones it misses x0_hat keeps sqrt((1 - abar)/abar) eps of pure noise (Eq. 10), '
                           'which lands in every anomaly map; raise --ch')
