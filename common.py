@@ -828,19 +828,23 @@ def _dtd_files(root):
     return files
 
 
-def _appearance(image, rng, dtd_root):
-    """The anomaly source A (H,W,3 uint8): a DTD image, else a procedural Perlin colour texture or a
-    strip-shuffled copy of the image itself; then three random augmenters."""
+def _appearance(image, rng, dtd_root, dtd_self=0.0):
+    """The anomaly source A (H,W,3 uint8): a DTD image (with probability dtd_self a strip-shuffled
+    copy of the image itself instead), else a procedural Perlin colour texture or a self copy, half
+    and half; then three random augmenters."""
     h, w = image.shape[:2]
-    self_copy = not dtd_root and rng.random() >= 0.5
     if dtd_root:
+        self_copy = dtd_self > 0 and rng.random() < dtd_self
+    else:
+        self_copy = rng.random() >= 0.5
+    if self_copy:
+        a = image
+    elif dtd_root:
         a = _read(_dtd_files(dtd_root)[rng.integers(len(_dtd_files(dtd_root)))], h).transpose(1, 2, 0)
-    elif not self_copy:
+    else:
         t = np.clip(perlin_noise(rng, h, w, 2 ** rng.integers(1, 6, 2)) + 0.5, 0, 1)[..., None]
         c0, c1 = rng.random(3), rng.random(3)
         a = np.uint8(255 * (c0 + (c1 - c0) * t))
-    else:
-        a = image
     im = Image.fromarray(a)
     for k in rng.permutation(len(_AUGMENTERS))[:3]:
         im = _AUGMENTERS[k](im, rng)
@@ -852,11 +856,12 @@ def _appearance(image, rng, dtd_root):
     return a
 
 
-def perlin_anomaly(sample, rng, p=0.5, beta=(0.2, 0.8), dtd_root='', fg=None):
+def perlin_anomaly(sample, rng, p=0.5, beta=(0.2, 0.8), dtd_root='', fg=None, dtd_self=0.0):
     """With probability p, paste a Perlin-shaped anomaly into sample['image'] ((3,H,W) in [0,1],
     before any normalisation): scales 2^0..2^5 per axis, rotation +-90 deg, threshold 0.5, times
     the optional foreground mask fg (H,W); S = (1-M) N + M (b N + (1-b) A), b ~ U(beta)
-    (DiffusionAD Eq. 12). Returns the sample with image, mask (1,H,W) and label replaced."""
+    (DiffusionAD Eq. 12), A from _appearance. Returns the sample with image, mask (1,H,W) and
+    label replaced."""
     x = sample['image']
     h, w = x.shape[1:]
     mask = np.zeros((h, w), np.float32)
@@ -870,7 +875,7 @@ def perlin_anomaly(sample, rng, p=0.5, beta=(0.2, 0.8), dtd_root='', fg=None):
                 break
     if mask.any():
         n = np.uint8(np.round(x.numpy().transpose(1, 2, 0) * 255))
-        a = torch.from_numpy(_appearance(n, rng, dtd_root).transpose(2, 0, 1).copy()).float() / 255
+        a = torch.from_numpy(_appearance(n, rng, dtd_root, dtd_self).transpose(2, 0, 1).copy()).float() / 255
         b, m = rng.uniform(*beta), torch.from_numpy(mask)[None]
         x = (1 - m) * x + m * (b * x + (1 - b) * a)
     return dict(sample, image=x, mask=torch.from_numpy(mask)[None], label=int(mask.any()))

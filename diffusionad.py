@@ -25,9 +25,9 @@ Choices where paper and official code (HuiZhang0812/DiffusionAD @8a64c03) differ
   [-1,1] (--input_range pm1): its briefly trained U-Net leaves noise in the one-step estimates,
   amplified by sqrt((1 - abar)/abar) on the way to x0, and in [-1,1] the same error costs half as
   much in image units (a scale argument; no test-set number chose it).
-- Eq. 9 without the 1/2 (official code): noise loss = mean over normal samples of the sum of the two
-  MSEs; 0 (not NaN) when a batch has no normal sample. The segmentation loss is NOT detached from
-  x0_g, so it trains the denoiser too (official code).
+- Eq. 9 without the 1/2 (official code): noise loss = mean over the normal samples (of the global
+  batch under DDP) of the sum of the two MSEs; 0 (not NaN) when a batch has no normal sample. The
+  segmentation loss is NOT detached from x0_g, so it trains the denoiser too (official code).
 - Eq. 10: SmoothL1 (beta 1) on the sigmoid map + 5 x focal loss with focal gamma 4 and alpha 0.5
   (official BinaryFocalLoss); the paper's "gamma=5" is that weight. Computed from logits (same
   value, numerically safe, and allowed under bf16 autocast).
@@ -40,14 +40,16 @@ Choices where paper and official code (HuiZhang0812/DiffusionAD @8a64c03) differ
   mode, 0.83 with batch statistics). It also starts the map at p = 0.01 instead of 0.5
   (--seg_prior, the RetinaNet initialisation for focal losses).
 - Batch: each image becomes anomalous with p=0.5 (official), not a fixed 8+8 split (paper).
-  Opacity beta ~ U(0.2, 0.8). Anomaly textures come from DTD if --dtd_root is given, else from
-  common's procedural Perlin textures or strip-shuffled self copies (official: DTD, and for
-  objects 50% strip-shuffled self copies).
+  Opacity beta ~ U(0.2, 0.8). Anomaly textures, as the official code, with --dtd_root: a DTD image
+  for textures (the official list, zipper included, plus the synthetic weave and grain), for
+  objects a DTD image or, half the time, a strip-shuffled copy of the image itself. Without DTD:
+  common's procedural Perlin textures or strip-shuffled self copies, half and half.
 - Foreground: the official code multiplies Perlin masks by precomputed DIS foregrounds (objects)
-  or random regions (textures), which cannot be rebuilt here. --foreground uses a rough estimate
-  instead (colour distance to the border's median colour, holes filled; all ones when it finds
-  nothing, e.g. on textures). On by default in the paper preset, off in tiny: the synthetic
-  objects' defects include excess material on the background.
+  or random-region masks (textures), which cannot be rebuilt here. --foreground uses a rough
+  estimate for objects (colour distance to the border's median colour, holes filled; no
+  restriction when it finds nothing) and no restriction on textures (by category name, since the
+  estimate cannot tell a texture from an object). On by default in the paper preset, off in tiny:
+  the synthetic objects' defects include excess material on the background.
 - t_s ~ U{0..299}, t_b ~ U{300..999} per sample in training (paper Sec. 4.2, official code);
   inference uses t_s=200, t_b=400, w=1 (official), with noise seeded per test image (the official
   evaluation noise is unseeded). One U-Net call on the batch [x_ts; x_tb] serves both levels.
@@ -59,9 +61,10 @@ Choices where paper and official code (HuiZhang0812/DiffusionAD @8a64c03) differ
   paper preset is unchanged: 32 groups). The segmentation net is the DRAEM discriminative U-Net
   (6 levels of [conv-BN-ReLU]x2 from width 64, bilinear up-sampling), 6 input channels, 1 output.
 - BatchNorm under DDP: SyncBatchNorm on CUDA; on CPU (gloo, where SyncBatchNorm does not run) the
-  running statistics are averaged over ranks after every step (as timm's distribute_bn), so all
-  ranks and the checkpoint hold the same ones; batch statistics then come from each rank's share,
-  so keep >= 8 images per rank there.
+  running statistics are averaged over ranks at every checkpoint (as timm's distribute_bn; the
+  running update is linear, so this equals averaging every step): all ranks and the checkpoint
+  hold the same ones; batch statistics then come from each rank's share, so keep >= 8 images per
+  rank there.
 - Tiny preset (CPU minutes; every value chosen by scale or on the VALIDATION split, never on the
   test set): the networks run at 48 px and eval.py upsamples the maps to eval_size (128 on
   synthetic); top-K scales K with the map area (50 at 256x256, 2 at 48x48). Levels scale with the
@@ -342,6 +345,11 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        if not (0 <= cfg['t_s'] < cfg['T'] and 0 <= cfg['t_b'] < cfg['T']):
+            raise common.UserError(f"--t_s and --t_b must lie in 0..{cfg['T'] - 1} "
+                                   f"(got {cfg['t_s']} and {cfg['t_b']})")
+        if cfg['input_range'] not in ('01', 'pm1'):
+            raise common.UserError(f"--input_range must be 01 or pm1 (got {cfg['input_range']!r})")
         self.cfg = cfg
         self.unet = UNet(cfg['image_size'], cfg['unet_ch'], cfg['unet_mults'], cfg['unet_res'],
                          cfg['attn_res'], cfg['heads'])
@@ -379,11 +387,16 @@ class Model(nn.Module):
 
 
 def noise_loss(e_s, e_b, eps_s, eps_b, label):
-    """Eq. 9 on normal samples only, without the 1/2 (official code): the mean over normal samples
-    of ||eps_s - eps_hat_s||^2 + ||eps_b - eps_hat_b||^2 (each a per-pixel mean); 0 if none."""
+    """Eq. 9 on normal samples only, without the 1/2 (official code): the mean over the normal
+    samples of the global batch of ||eps_s - eps_hat_s||^2 + ||eps_b - eps_hat_b||^2 (each a
+    per-pixel mean); 0 if none. Under DDP the normal count is summed over ranks and the loss scaled
+    by world, which the gradient average over ranks cancels: every normal sample weighs the same."""
     per_sample = ((e_s - eps_s) ** 2).mean((1, 2, 3)) + ((e_b - eps_b) ** 2).mean((1, 2, 3))
     normal = (label == 0).float()
-    return (per_sample * normal).sum() / normal.sum().clamp(min=1)
+    n, world = normal.sum(), common.rank_world()[1]
+    if world > 1:
+        torch.distributed.all_reduce(n)
+    return (per_sample * normal).sum() * world / n.clamp(min=1)
 
 
 def focal_loss(logits, mask, gamma=4.0, alpha=0.5):
@@ -398,21 +411,29 @@ def mask_loss(logits, mask, focal_weight):
     return F.smooth_l1_loss(torch.sigmoid(logits), mask) + focal_weight * focal_loss(logits, mask)
 
 
+TEXTURES = ('carpet', 'grid', 'leather', 'tile', 'wood', 'zipper', 'weave', 'grain')   # official list + synthetic
+
+
 def foreground(image, thresh=0.15):
     """A rough object mask (H,W) for restricting synthetic anomalies: pixels whose colour differs
-    from the median colour of the image border by more than thresh, closed and hole-filled; all
-    ones when it covers < 5% of the image (a texture, or nothing found). image: (3,H,W) in [0,1]."""
+    from the median colour of the image border by more than thresh, closed and hole-filled; None
+    (no restriction) when it finds nothing. image: (3,H,W) in [0,1]."""
     x = image.numpy()
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1)   # (3, 4 sides)
     dist = np.abs(x - np.median(border, 1)[:, None, None]).max(0)
     fg = ndimage.binary_fill_holes(ndimage.binary_closing(dist > thresh, iterations=2))
-    return fg.astype(np.float32) if fg.mean() > 0.05 else np.ones_like(dist, np.float32)
+    return fg.astype(np.float32) if fg.any() else None
 
 
-def synth_anomaly(sample, rng, cfg):
-    """A training sample: with probability p_anomaly a Perlin anomaly (Eq. 12), mask and label."""
-    fg = foreground(sample['image']) if cfg['foreground'] else None
-    return common.perlin_anomaly(sample, rng, cfg['p_anomaly'], cfg['beta'], cfg['dtd_root'], fg)
+def synth_anomaly(sample, rng, cfg, categories):
+    """A training sample: with probability p_anomaly a Perlin anomaly (Eq. 12), mask and label.
+    As the official code, textures (by category name) take DTD textures anywhere in the image,
+    objects a DTD texture or, half the time, a strip-shuffled copy of themselves, restricted to
+    the object with --foreground."""
+    texture = categories[sample['cls']] in TEXTURES
+    fg = foreground(sample['image']) if cfg['foreground'] and not texture else None
+    return common.perlin_anomaly(sample, rng, cfg['p_anomaly'], cfg['beta'], cfg['dtd_root'], fg,
+                                 dtd_self=0.0 if texture else 0.5)
 
 
 def learning_rates(cfg, step, steps):
@@ -495,7 +516,7 @@ def train(cfg):
     model, opts, step, seconds = setup(cfg)
     data = common.load_dataset(cfg, 'train')
     steps = cfg['steps'] or cfg['epochs'] * (len(data) // cfg['batch_size'])
-    batches = common.train_batches(data, cfg, step, functools.partial(synth_anomaly, cfg=cfg))
+    batches = common.train_batches(data, cfg, step, functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))
     net = torch.compile(model) if cfg['compile'] else model   # shares the weights of model
     ckpt_path, rank = os.path.join(cfg['out_dir'], 'ckpt.pt'), common.rank_world()[0]
     model.train()

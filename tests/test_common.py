@@ -286,7 +286,7 @@ def test_perlin_anomaly_properties():
 
 
 def test_perlin_anomaly_blend_is_eq_12(monkeypatch):
-    monkeypatch.setattr(common, '_appearance', lambda image, rng, dtd: np.full_like(image, 255))
+    monkeypatch.setattr(common, '_appearance', lambda image, rng, dtd, dtd_self: np.full_like(image, 255))
     x = _sample()
     out = common.perlin_anomaly(x, np.random.default_rng(3), p=1.0, beta=(0.5, 0.5))
     m = out['mask'].expand(3, -1, -1) > 0
@@ -297,6 +297,9 @@ def test_dtd_missing_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match='no DTD images'):
         for s in range(20):
             common.perlin_anomaly(_sample(), np.random.default_rng(s), p=1.0, dtd_root=str(tmp_path))
+    for s in range(5):                 # dtd_self=1: always a self copy, the (empty) DTD folder is never read
+        rng = np.random.default_rng(s)
+        assert common.perlin_anomaly(_sample(), rng, p=1.0, dtd_root=str(tmp_path), dtd_self=1.0)['label'] == 1
 
 # -----------------------------------------------------------------------------
 # metrics

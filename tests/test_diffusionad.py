@@ -94,6 +94,17 @@ def test_noise_loss_normal_samples_only():
     torch.testing.assert_close(d.noise_loss(e_s, e_b, eps_s, eps_b, label), expected)
 
 
+def test_noise_loss_weighs_every_normal_sample_alike_across_ranks(monkeypatch):
+    # rank 0 of 2 holds 1 of the global batch's 3 normal samples; after DDP's gradient average
+    # over the 2 ranks its weight must be 1/3 (a per-rank mean would give it 1/2)
+    monkeypatch.setattr(common, 'rank_world', lambda: (0, 2))
+    monkeypatch.setattr(torch.distributed, 'all_reduce', lambda n: n.add_(2))   # rank 1: 2 normal
+    e_s, e_b, eps_s, eps_b = torch.randn(4, 2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    per = ((e_s - eps_s) ** 2).mean((1, 2, 3)) + ((e_b - eps_b) ** 2).mean((1, 2, 3))
+    loss = d.noise_loss(e_s, e_b, eps_s, eps_b, torch.tensor([0, 1]))
+    torch.testing.assert_close(loss / 2, per[0] / 3)
+
+
 def test_focal_and_mask_loss_by_hand():
     p = [0.9, 0.2, 0.6, 0.01]
     m = [1.0, 0.0, 0.0, 1.0]
@@ -201,12 +212,20 @@ def test_paper_preset_parameter_counts():
     assert abs(unet / 131.7e6 - 1) < 0.01 and abs(seg / 28.4e6 - 1) < 0.01
 
 
-def test_foreground_estimate():
+def test_foreground_estimate_objects_only(monkeypatch):
     washer = torch.tensor(common.synthetic('washer', 'train')[0][0]).float() / 255
     fg = d.foreground(washer)
     assert 0.15 < fg.mean() < 0.35 and fg[:4].max() == 0    # the ring (the notch opens its hole)
-    weave = torch.tensor(common.synthetic('weave', 'train')[0][0]).float() / 255
-    assert d.foreground(weave).mean() > 0.05
+    assert d.foreground(torch.full((3, 32, 32), 0.5)) is None            # nothing found: no restriction
+    seen = {}
+    monkeypatch.setattr(common, 'perlin_anomaly', lambda sample, rng, p, beta, dtd_root, fg, dtd_self:
+                        seen.update({sample['cls']: (fg, dtd_self)}))
+    cfg = dict(d.config, foreground=True)
+    for cls, cat in enumerate(('washer', 'weave')):
+        image = torch.tensor(common.synthetic(cat, 'train')[0][0]).float() / 255
+        d.synth_anomaly(dict(image=image, cls=cls), None, cfg, ('washer', 'weave'))
+    assert np.array_equal(seen[0][0], fg) and seen[0][1] == 0.5         # object: estimate, 50% self copies
+    assert seen[1] == (None, 0.0)                      # texture (by name): anywhere, DTD only
 
 
 def test_cli_errors(tmp_path):
@@ -216,6 +235,10 @@ def test_cli_errors(tmp_path):
         d.main(['--steps', 'many'])
     with pytest.raises(common.UserError, match='no checkpoint'):
         d.main(['--eval', '--out_dir', str(tmp_path)])
+    with pytest.raises(common.UserError, match=r'--t_s and --t_b must lie in 0\.\.999'):
+        d.main(['--t_b', '1000', '--out_dir', str(tmp_path)])
+    with pytest.raises(common.UserError, match='--input_range must be 01 or pm1'):
+        d.main(['--input_range', '-11', '--out_dir', str(tmp_path)])
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match='paper preset'):
             d.main(['--preset', 'paper'])
