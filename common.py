@@ -278,14 +278,16 @@ def run(cfg, train, Model):
         results = []
         for cat in cats:
             c = dict(cfg, category=cat, out_dir=os.path.join(cfg['out_dir'], cat)) if each else cfg
+            trained_with = None
             if c['eval'] and not c['train']:
                 model, ckpt = load(os.path.join(c['out_dir'], 'ckpt.pt'), Model, device=c['device'])
-                seconds = ckpt.get('train_seconds', float('nan'))
+                seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             else:
                 model, seconds = train(c)
             if rank == 0:
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS}), 'test')
-                results.append(evaluate(model, test, c['out_dir'], c['heatmaps'], seconds))
+                results.append(evaluate(model, test, c['out_dir'], c['heatmaps'], seconds,
+                                        train_versions=trained_with))
             if each and rank == 0:   # rewritten after every category: a killed run shows what is missing
                 summarize_each(cfg['out_dir'], results, quiet=cat != cats[-1])
             barrier()
@@ -365,9 +367,12 @@ def versions():
         timm_version = timm.__version__
     except ImportError:
         timm_version = None
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    def git(*args):
+        return subprocess.run(['git', *args], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    try:   # '-dirty': tracked files differ from that commit
+        dirty = git('status', '--porcelain', '--untracked-files=no')
+        commit = git('rev-parse', 'HEAD') + ('-dirty' if dirty else '')
     except OSError:
         commit = ''
     return dict(python=sys.version.split()[0], torch=str(torch.__version__), numpy=str(np.__version__),
@@ -437,7 +442,8 @@ def _list_mvtec(root, cat, split, good, masks_required):
                 records.append((f, 0, None))
                 continue
             stem = os.path.splitext(os.path.basename(f))[0]
-            found = [m for m in glob.glob(os.path.join(root, cat, 'ground_truth', kind, stem + '*'))
+            found = [m for m in glob.glob(os.path.join(glob.escape(os.path.join(root, cat, 'ground_truth', kind)),
+                                                       glob.escape(stem) + '*'))
                      if os.path.splitext(os.path.basename(m))[0] in (stem, stem + '_mask')]
             if has_gt and not found:
                 raise UserError(f'image/mask mismatch: {f} has no mask {stem}_mask.png or {stem}.png in '
@@ -462,16 +468,19 @@ def _list(data, root, cat, split):
     return _list_mvtec(root, cat, split, good, masks_required=data != 'folder')
 
 
+MASK_RULE = 'nearest resize; mask > 0.5 (8-bit > 127; masks whose values are all < 128: > 0, class ids)'
+
+
 def _read(src, size, mask=False):
     """An image file or an in-memory uint8 array -> (3,size,size) RGB uint8 (bilinear), or a
-    (1,size,size) {0,1} mask (nearest, any raw value > 0 of any colour channel: VisA's class-id
-    masks and RGB masks become binary). 16-bit images are scaled to 8 bits, not clipped."""
+    (1,size,size) {0,1} mask by MASK_RULE, over the max of the colour channels (RGB masks; VisA's
+    class-id masks hold small ids, so > 0). 16-bit images are scaled to 8 bits, not clipped."""
     try:
         im = Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)
         if mask:
             a = np.asarray(im.resize((size, size), Image.NEAREST))
             a = (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a   # ignore alpha
-            return (a > 0).astype(np.uint8)[None]
+            return (a > (127 if a.max() >= 128 else 0)).astype(np.uint8)[None]
         if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale
             a = np.asarray(im, np.float64)
             a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a * 255 if a.max() <= 1 else a

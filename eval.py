@@ -4,8 +4,7 @@ eval.py: the one evaluation protocol for all five methods (and the two baselines
 $ python eval.py out/omiad_synthetic_all_tiny_s0/ckpt.pt            # evaluate a checkpoint
 $ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS may be overridden
 $ python eval.py --compare out/                                     # one table over all runs
-$ python eval.py --predict out/<run>/ckpt.pt image.png              # score + heatmap, one image
-                                          #   (--category NAME for a multi-class model)
+$ python eval.py --predict out/<run>/ckpt.pt image.png [--category NAME]    # one image: score + heatmap
 $ python eval.py --bench omiad --preset paper --device cuda [--networks_only]   # params, FLOPs, speed
 $ python eval.py --bench metrics                                    # speed of the pixel metrics
 $ python eval.py --baselines --data synthetic                       # the mean and zscore baselines
@@ -16,6 +15,7 @@ pixel metrics use all test pixels of a category, normal images included. AUPRO i
 MVTec AD one (limit 0.3). mAD = mean of the seven. Times are the forward pass (predict) only.
 """
 import glob
+import hashlib
 import importlib
 import json
 import os
@@ -48,10 +48,8 @@ class Baseline(torch.nn.Module):
         self.register_buffer('std', torch.stack([x[train.cls == c].std(0) for c in range(len(train.categories))]))
 
     def predict(self, batch):
-        cls = batch['cls']
-        d = (batch['image'] - self.mean[cls]).abs()
-        if self.cfg['kind'] == 'zscore':
-            d = d / (self.std[cls] + 0.02)
+        d = (batch['image'] - self.mean[batch['cls']]).abs()
+        d = d / (self.std[batch['cls']] + 0.02) if self.cfg['kind'] == 'zscore' else d
         m = common.gaussian_blur(d.mean(1, keepdim=True), 2.0)[:, 0]
         return dict(map=m, score=m.flatten(1).amax(1), nfe={})
 
@@ -63,15 +61,14 @@ def baselines(cfg):
     """Both baselines on cfg's data and categories at eval_size, one category at a time (cached
     per process, so 'all', 'each' and single categories share the work)."""
     cats = common.categories(cfg['data'], cfg['data_root']) if cfg['category'] in ('all', 'each') else [cfg['category']]
-    for cat in cats:
-        key = tuple(cfg[k] for k in ('data', 'data_root', 'eval_size', 'seed', 'val_frac')) + (cat,)
+    keys = {cat: tuple(cfg[k] for k in ('data', 'data_root', 'eval_size', 'seed', 'val_frac')) + (cat,) for cat in cats}
+    for cat, key in keys.items():
         if key not in _BASELINES:
             c = dict(cfg, category=cat, image_size=cfg['eval_size'], batch_size=32)
             train, test = common.load_dataset(c, 'train'), common.load_dataset(c, 'test')
             _BASELINES[key] = {kind: evaluate(Baseline(dict(c, kind=kind, method=f'baseline_{kind}', preset='-'),
                                                        train), test, quiet=True) for kind in ('mean', 'zscore')}
-    parts = [_BASELINES[tuple(cfg[k] for k in ('data', 'data_root', 'eval_size', 'seed', 'val_frac')) + (c,)]
-             for c in cats]
+    parts = [_BASELINES[keys[c]] for c in cats]
     return {kind: merge([p[kind] for p in parts], cfg['category']) for kind in ('mean', 'zscore')}
 
 
@@ -83,17 +80,13 @@ def _device(model):
     return next(iter(list(model.parameters()) + list(model.buffers()))).device
 
 
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def _timed(device, fn, *args, **kwargs):
-    """(fn(*args, **kwargs), its seconds), with CUDA synchronised before and after."""
-    _sync(device)
+    """(fn(*args, **kwargs), its seconds), with the GPU (CUDA or MPS) synchronised before and after."""
+    sync = {'cuda': lambda: torch.cuda.synchronize(device), 'mps': torch.mps.synchronize}.get(device.type, lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
-    _sync(device)
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -121,12 +114,12 @@ def _infer(model, dataset, batch_size, size, timer):
     return outs
 
 
-def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'), quiet=False):
+def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'), quiet=False, train_versions=None):
     """Run the protocol over every category of dataset; print the table (with the baselines) and
-    write out_dir/results.json (+ heatmaps/<category>/*.png). Returns the results dict."""
-    cfg, timer = model.cfg, dict(s=0.0, n=0, nfe={})
+    write out_dir/results.json (+ heatmaps/<category>/*.png; train_versions: those a re-evaluated
+    checkpoint was trained with). Returns the results dict."""
+    cfg, timer, metrics, extra = model.cfg, dict(s=0.0, n=0, nfe={}), {}, {}
     model.eval()
-    metrics, extra = {}, {}
     for ci, cat in enumerate(dataset.categories):
         idx = (dataset.cls == ci).nonzero()[:, 0]
         if len(idx) == 0:
@@ -146,8 +139,10 @@ def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'
         method=cfg['method'], data=cfg['data'], category=cfg['category'], preset=cfg['preset'],
         seed=cfg['seed'], config=cfg, protocol=dict(
             eval_size=cfg['eval_size'], resize='bilinear maps, nearest masks, no crop',
-            mask_rule='mask > 0.5', score_rule=getattr(model, 'SCORE_RULE', 'the model score')),
-        versions=common.versions(), metrics=metrics, extra=extra, nfe=timer['nfe'],
+            mask_rule=common.MASK_RULE, score_rule=getattr(model, 'SCORE_RULE', 'the model score'),
+            timed_device=str(_device(model)), timed_batch_size=cfg['batch_size']),   # for ms_per_image
+        versions=dict(common.versions(), **({'trained_with': train_versions} if train_versions else {})),
+        metrics=metrics, extra=extra, nfe=timer['nfe'],
         ms_per_image=1000 * timer['s'] / max(timer['n'], 1), train_seconds=train_seconds,
         params=dict(params, total=sum(p.numel() for p in model.parameters())))
     if not quiet:
@@ -171,8 +166,7 @@ def merge(results, category):
 
 def summarize_each(out_dir, results, quiet=False):
     """The results.json of a category='each' run: one row per trained model, plus the mean."""
-    first = results[0]
-    summary = merge(results, 'each')
+    first, summary = results[0], merge(results, 'each')
     summary['missing'] = [c for c in common.categories(first['data'], first['config']['data_root'])
                           if c not in summary['metrics']]
     if not quiet:
@@ -189,8 +183,7 @@ def _row(name, m):
     return f"{name[:24]:<24}" + ''.join(f'{100 * m[k]:8.1f}' for k in METRICS + ('mad',))
 
 
-def print_table(results, base=None):
-    r = results
+def print_table(r, base=None):
     print(f"\n{r['method']} | {r['data']} | {r['category']} | preset {r['preset']} | seed {r['seed']}")
     print(f"{'category':<24}" + ''.join(f'{n:>8}' for n in NAMES))
     for cat, m in r['metrics'].items():
@@ -251,35 +244,46 @@ def evaluate_checkpoint(path, argv):
     overrides = common._parse_argv(argv, {**cfg, 'heatmaps': 0})   # load() refuses non-inference keys
     heatmaps = overrides.pop('heatmaps', 0)
     model, ckpt = _load(path, overrides, overrides.get('device'))
-    tag = '_'.join(f'{k}{v}' for k, v in overrides.items() if k in type(model).INFER_KEYS)
+    tag = '_'.join(f'{k}{v}' for k, v in overrides.items())    # any override: never over the run's results
     out_dir = os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')
     test = common.load_dataset(model.cfg, 'test')
-    return evaluate(model, test, out_dir, heatmaps, ckpt.get('train_seconds', float('nan')))
+    return evaluate(model, test, out_dir, heatmaps, ckpt.get('train_seconds', float('nan')),
+                    train_versions=ckpt.get('versions'))
 
 
 def compare(root):
-    """One table over every results.json under root: mean +- std over seeds per method, data,
-    category and preset. Per-category members of an 'each' run are folded into its summary."""
-    runs = {}
+    """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each
+    setting: method, data, category, preset and a digest of the config (but per-run and run-time
+    keys) and protocol, shown when a preset has several. Members of an 'each' run are folded into
+    its summary."""
+    runs, per_run = {}, common.RUNTIME_KEYS + ('seed', 'train', 'eval', 'resume', 'backbone_source', 'backbone_record')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
         if os.path.isfile(parent) and json.load(open(parent)).get('category') == 'each':
             continue
         r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
-        preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '')   # an override: own row, not a seed
-        runs.setdefault((r['method'], r['data'], r['category'], preset), []).append(r)
+        preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '')   # a re-evaluation
+        cfg = {k: v for k, v in r['config'].items() if k not in per_run or k == 'data_root'}
+        setting = json.dumps([cfg, r['protocol']['eval_size'], r['protocol']['mask_rule']], sort_keys=True)
+        runs.setdefault((r['method'], r['data'], r['category'], preset, setting), []).append(r)
     if not runs:
         raise UserError(f'no results.json under {root}')
     print(f"{'method / data / category / preset':<40}{'seeds':>6}" + ''.join(f'{n:>13}' for n in NAMES)
           + f"{'ms/img':>9}{'params M':>10}{'train min':>10}  NFE")
-    for (method, data, cat, preset), rs in sorted(runs.items()):
+    rows = {}
+    for (method, data, cat, preset, setting), rs in sorted(runs.items()):
+        if sum(k[:4] == (method, data, cat, preset) for k in runs) > 1:
+            preset += ' ' + hashlib.sha1(setting.encode()).hexdigest()[:6]     # another config
+        rows[method, data, cat, preset] = rs
         m = np.array([[r['metrics']['mean'][k] for k in METRICS + ('mad',)] for r in rs]) * 100
         cells = ''.join(f'{a:7.1f}+-{s:<4.1f}' for a, s in zip(m.mean(0), m.std(0)))
-        flag = ' INCOMPLETE' if any(r.get('missing') for r in rs) else ''
-        print(f'{f"{method} / {data} / {cat} / {preset}":<40}{len(rs):>6}{cells}'
+        seeds = len({r['seed'] for r in rs})
+        flag = (' INCOMPLETE' if any(r.get('missing') for r in rs) else '') + (
+            f' ({len(rs)} runs of {seeds} seeds)' if seeds < len(rs) else '')
+        print(f'{f"{method} / {data} / {cat} / {preset}":<40}{seeds:>6}{cells}'
               f"{np.mean([r['ms_per_image'] for r in rs]):9.1f}{rs[0]['params']['total'] / 1e6:10.2f}"
               f"{np.mean([r['train_seconds'] for r in rs]) / 60:10.1f}  {rs[0]['nfe']}{flag}")
-    return runs
+    return rows
 
 
 @torch.no_grad()
@@ -288,8 +292,9 @@ def predict(ckpt, image_path, out='', category=''):
     names the image's category for models trained on several (class-conditioned ones need it)."""
     model, _ = _load(ckpt)
     cats = common.categories(model.cfg['data'], model.cfg['data_root']) if model.cfg['category'] == 'all' else [model.cfg['category']]
-    if category and category not in cats:
-        raise UserError(f"unknown category {category!r} for this model; valid: {', '.join(cats)}")
+    if (category or len(cats) > 1) and category not in cats:
+        raise UserError(f"name the image's category with --category: one of {', '.join(cats)}"
+                        + (f' (not {category!r})' if category else ''))
     cls = torch.tensor([cats.index(category) if category else 0], device=_device(model))
     x = torch.tensor(common._read(image_path, model.cfg['image_size'])).float()[None] / 255
     o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[os.path.basename(image_path)]))
@@ -352,11 +357,10 @@ def bench(method, argv):
 
 
 def _network_passes(model, x, device, reuse):
-    """predict(x) with every outermost module call below the model (each network pass, whatever the
-    method names it) timed and counted per (network, input shapes). reuse=True runs only the first
-    call of each and returns copies of its output afterwards; numbers (timesteps) are not part of
-    the key, so an NFE loop costs one pass. Returns the seconds of predict, the seconds spent in
-    network passes, {key: [calls, forward, args, kwargs]} and the NFE predict reports."""
+    """predict(x) with every outermost module call below the model (each network pass) timed and
+    counted per (network, input shapes); reuse=True runs only the first call of each (numbers such
+    as timesteps are not in the key, so an NFE loop costs one pass) and returns copies afterwards.
+    Returns seconds of predict, seconds in network passes, {key: [calls, forward, args, kwargs]}, NFE."""
     from torch.utils._pytree import tree_map
     names = {m: n for n, m in model.named_modules() if m is not model}
     depth, spent, passes, first_out = [0], [0.0], {}, {}
@@ -394,17 +398,12 @@ def _network_passes(model, x, device, reuse):
 
 def bench_metrics(n=100, size=256):
     """Seconds for the four pixel metrics (one shared sort) and for AUPRO alone on n random maps."""
-    rng = np.random.default_rng(0)
     masks = np.zeros((n, size, size), bool)
     masks[: n // 2, size // 3: size // 2, size // 4: size // 2] = True
-    maps = (rng.random((n, size, size)) + 0.5 * masks).astype(np.float32)
-    t0 = time.perf_counter()
-    common.pixel_metrics(masks, maps)
-    t1 = time.perf_counter()
-    common.aupro(masks, maps)
-    t2 = time.perf_counter()
-    print(f'{n} maps of {size}x{size}: pixel AUROC+AP+F1+AUPRO {t1 - t0:.2f} s, AUPRO alone {t2 - t1:.2f} s')
-    return t1 - t0, t2 - t1
+    maps = (np.random.default_rng(0).random((n, size, size)) + 0.5 * masks).astype(np.float32)
+    both, alone = (_timed(torch.device('cpu'), f, masks, maps)[1] for f in (common.pixel_metrics, common.aupro))
+    print(f'{n} maps of {size}x{size}: pixel AUROC+AP+F1+AUPRO {both:.2f} s, AUPRO alone {alone:.2f} s')
+    return both, alone
 
 
 def run_baselines(argv):
@@ -427,11 +426,11 @@ def main(argv=None):
     elif argv[0] == '--compare':
         return compare(argv[1] if len(argv) > 1 else 'out')
     elif argv[0] == '--predict':
-        rest = [a for a in argv[1:] if not a.startswith('--category')]
-        category = next((a.split('=', 1)[1] for a in argv if a.startswith('--category=')), '')
-        if '--category' in argv[:-1]:
-            category = argv[argv.index('--category') + 1]
-            rest.remove(category)
+        i = argv.index('--category') + 1 if '--category' in argv else 0      # the value's position
+        if i == len(argv):
+            raise UserError('--category needs a value')
+        category = argv[i] if i else next((a.split('=', 1)[1] for a in argv if a.startswith('--category=')), '')
+        rest = [a for j, a in enumerate(argv[1:], 1) if j != i and not a.startswith('--category')]
         if len(rest) < 2:
             raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png] [--category NAME]')
         return predict(*rest[:3], category=category)

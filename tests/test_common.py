@@ -148,6 +148,9 @@ def test_mask_files_in_any_mode_are_binarised(tmp_path):
         im.save(tmp_path / f'{name}.png')
         m = common._read(str(tmp_path / f'{name}.png'), 20, mask=True)
         assert m.shape == (1, 20, 20) and m.sum() == 25 and m[0, 5:10, 5:10].all(), name
+    soft = np.zeros((20, 20), np.uint8)                # an anti-aliased 0/255 mask: its 60-valued rim
+    soft[4:11, 4:11], soft[5:10, 5:10] = 60, 255       # is outside (binarised at 0.5, not > 0)
+    assert common._read(soft, 20, mask=True).sum() == 25
 
 
 def test_folder_without_masks_gives_image_metrics_only(tmp_path):

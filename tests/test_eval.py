@@ -92,8 +92,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     out = toy(tmp_path, '--category', 'capsule')
     ckpt = os.path.join(out, 'ckpt.pt')
+    own = open(os.path.join(out, 'results.json')).read()
     r = E.main([ckpt, '--noise', '0.1', '--batch_size', '7'])
-    assert os.path.isfile(os.path.join(out, 'eval_noise0.1', 'results.json'))
+    assert os.path.isfile(os.path.join(out, 'eval_noise0.1_batch_size7', 'results.json'))
+    E.main([ckpt, '--batch_size', '5'])                    # a run-time override too gets its own folder
+    assert os.path.isfile(os.path.join(out, 'eval_batch_size5', 'results.json'))
+    assert open(os.path.join(out, 'results.json')).read() == own and 'trained_with' in r['versions']
     with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of toy_method: noise'):
         E.main([ckpt, '--width', '4'])
     with pytest.raises(UserError, match='unknown option --S'):
@@ -108,6 +112,19 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     score, amap = E.predict(ckpt, str(img), str(tmp_path / 'h.png'))
     assert score == pytest.approx(expected.item(), abs=1e-6) and os.path.isfile(tmp_path / 'h.png')
     assert r['metrics']['capsule']['image_auroc'] == r['metrics']['capsule']['image_auroc']   # not NaN
+
+
+def test_predict_on_a_multi_class_model_needs_the_category(tmp_path):
+    ckpt = os.path.join(toy(tmp_path, '--steps', '2'), 'ckpt.pt')            # category all
+    img = tmp_path / 'one.png'
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    with pytest.raises(UserError, match="name the image's category with --category: one of weave, grain"):
+        E.main(['--predict', ckpt, str(img)])
+    with pytest.raises(UserError, match='--category needs a value'):
+        E.main(['--predict', ckpt, str(img), '--category'])
+    with pytest.raises(UserError, match="not 'screw'"):
+        E.main(['--predict', ckpt, str(img), '--category', 'screw'])
+    assert np.isfinite(E.main(['--predict', ckpt, str(img), str(tmp_path / 'h.png'), '--category', 'grain'])[0])
 
 
 def test_evaluation_is_batch_size_invariant_and_uses_only_image_cls_path(tmp_path):
@@ -161,6 +178,14 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     assert len(runs[('toy_method', 'synthetic', 'weave', 'tiny eval_steps3')]) == 1
     printed = capsys.readouterr().out
     assert 'INCOMPLETE' in printed and '+-' in printed
+    os.makedirs(tmp_path / 'longer')                   # another config under the same preset: not a seed
+    json.dump(dict(r, config=dict(r['config'], steps=99)), open(tmp_path / 'longer' / 'results.json', 'w'))
+    os.makedirs(tmp_path / 'again')                    # a second run of seed 0: counted, and flagged
+    shutil.copy(tmp_path / 's0' / 'results.json', tmp_path / 'again')
+    runs = E.compare(str(tmp_path))
+    rows = [k for k in runs if k[:3] == ('toy_method', 'synthetic', 'weave') and 'eval_' not in k[3]]
+    assert sorted(len(runs[k]) for k in rows) == [1, 3] and all(k[3].startswith('tiny ') for k in rows)
+    assert '(3 runs of 2 seeds)' in capsys.readouterr().out
     with pytest.raises(UserError, match='no results.json under'):
         E.compare(str(tmp_path / 'empty'))
 
