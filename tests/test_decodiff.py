@@ -205,6 +205,14 @@ def test_training_reduces_the_corrector_loss_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_paper_schedule_follows_the_papers_epochs():
+    cfg = dict(d.config, batch_size=128)                   # Sec. 5.1: 800 epochs on MVTec, 200 on VisA
+    assert d.corrector_schedule(dict(cfg, data='mvtec'), 3267) == (20419, 256)    # 10-epoch warm-up
+    assert d.corrector_schedule(dict(cfg, data='visa'), 8659) == (13530, 677)
+    assert d.corrector_schedule(dict(cfg, data='btad', epochs=5), 256) == (10, 20)
+    assert d.corrector_schedule(dict(cfg, steps=7, warmup_steps=2), 100) == (7, 2)
+
+
 def test_paper_size_xs_parameter_count():
     """The official UNet-XS (class-conditioned) has 24.7 M parameters (L: 395.0 M, see --help)."""
     unet = d.UNet({**d.config, 'ch': 64, 'head_dim': 16, 'class_cond': True, 'n_classes': 15})
