@@ -81,16 +81,17 @@ No official code exists (the repo holds only a README). Choices where the paper 
     image was that floor. Width 64 lifted the student on the proxy above (seed 0) from 77.9 / 83.2
     to 84.4 / 88.4 (one-step teacher 90.4 / 89.6), with 200 ASD steps; 100 fit the budget.
     (With width 32, 1800 AMDM steps instead of 1200 were within noise over seeds 0-2.)
-    What moves the student at this scale (ASD re-run from the seed-0 teacher, proxy): not the
-    adversarial term. lambda_adv 0, 1e-4 (SiDA's relative weight on per-element means), 1e-3 and
-    1e-2 all score 87.5-87.6 / 88.6-88.7, and the discriminator stays at chance (loss ln 2)
-    throughout. The generator's validation error rises ~1.25x in its first 25 updates and ~1.35x
-    in 50, whatever the warm-up: Adam with beta1 = 0 moves every weight by ~lr from the first step, while the SiD
-    gradient starts at zero (psi = phi). A psi-only warm-up of 50 steps instead of 25 gave seeds
-    0/1/2 88.6 / 88.6, 89.0 / 87.8, 91.0 / 88.8 against 87.5 / 88.6, 88.5 / 87.2, 91.0 / 88.3, and
-    psi-only steps cost half as much; 100 warm-up + 100 steps scored 85.8 / 88.3 (seed 0).
-    The default run: see the README (the 25-step warm-up gave 76.0 / 84.3, seeds 0-2 75.9 / 82.9;
-    the one-step teacher of that run 79.0 / 85.2).
+    What moves the student at this scale (ASD re-run from each seed's saved teacher, proxy): not
+    the adversarial term. lambda_adv 0, 1e-4 (SiDA's relative weight on per-element means), 1e-3
+    and 1e-2 all score 87.5-87.6 / 88.6-88.7 (seed 0), and the discriminator stays at chance (loss
+    ln 2) throughout. The generator's validation error rises ~1.25x in its first 25 updates and
+    ~1.35x in 50, whatever the warm-up: Adam with beta1 = 0 moves every weight by ~lr from the
+    first step, while the SiD gradient starts at zero (psi = phi). A psi-only warm-up of 50 steps
+    instead of 25 gave seeds 0/1/2 88.6 / 88.6, 89.0 / 87.8, 91.0 / 88.8 against 87.5 / 88.6,
+    88.5 / 87.2, 91.0 / 88.3, and psi-only steps cost half as much; 100 warm-up + 100 steps scored
+    85.8 / 88.3 (seed 0).
+    The default run: 76.6 / 84.0 (seeds 0-2: 77.2 / 83.0; with the 25-step warm-up 75.9 / 82.9),
+    429-464 s on 2 cores; the one-step teacher of the same run 79.0 / 85.2.
 
 $ python omiad.py                                           # tiny preset, synthetic data, CPU minutes
 $ python omiad.py --data mvtec --backbone_weights timm --train   # paper preset, all 15 classes
