@@ -329,6 +329,19 @@ def test_pixel_metrics_match_scikit_learn():
     m = common.pixel_metrics(masks, maps)
     assert m['pixel_auroc'] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
     assert m['pixel_ap'] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    p, r, _ = precision_recall_curve(masks.ravel(), maps.ravel())
+    assert m['pixel_f1max'] == pytest.approx(np.max(2 * p * r / np.maximum(p + r, 1e-12)), abs=1e-12)
+
+
+def test_all_reduce_grads_averages_and_counts_a_missing_gradient_as_zero(monkeypatch):
+    # rank 0 of 2; the other rank's gradients are 3 for a and 4 for b (b has none here)
+    other = {}
+    monkeypatch.setattr(common, 'rank_world', lambda: (0, 2))
+    monkeypatch.setattr(common.dist, 'all_reduce', lambda t: t.add_(other[t.shape]))
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad, other[(2,)], other[(3,)] = torch.tensor([1.0, 2.0]), torch.full((2,), 3.0), torch.full((3,), 4.0)
+    common.all_reduce_grads([a, b])
+    assert torch.equal(a.grad, torch.tensor([2.0, 2.5])) and torch.equal(b.grad, torch.full((3,), 2.0))
 
 
 def _aupro_reference(masks, maps, limit):

@@ -186,6 +186,10 @@ def test_map_is_on_the_minus1_1_scale_whichever_input_range():
     z = torch.zeros(1, 4, 1, 1)
     d_pix = model.anomaly_map(to_ae(x01 + shift), to_ae(x01), z + 1, z)[1][0, 0]
     assert torch.allclose(d_pix, torch.tensor([0.25] * 2 + [0.5] * 2 + [1.0] * 4), atol=1e-5)
+    z_rec = z + model.cfg['gamma_l'] * torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 4, 1, 1)
+    amap, d_pix, d_lat = model.anomaly_map(to_ae(x01 + shift), to_ae(x01), z_rec, z)
+    assert torch.allclose(d_lat, torch.full_like(d_lat, 0.25), atol=1e-6)   # channel mean / gamma_l
+    assert torch.allclose(amap, (d_pix * 0.25).sqrt(), atol=1e-6)          # Eq. 15: the geometric mean
 
 
 def test_training_reduces_the_corrector_loss_on_a_fixed_batch():

@@ -57,6 +57,14 @@ def test_schedule_values():
     for t, value in ((200, 0.656), (299, 0.396), (400, 0.194)):      # official values (spec)
         assert abs(abar[t].item() - value) < 1e-3
     assert 3e-5 < abar[999].item() < 5e-5
+    np.testing.assert_allclose(d.linear_abar(100, 1e-4, 0.02).numpy(),              # betas x 1000/T
+                               np.cumprod(1 - np.linspace(1e-3, 0.2, 100)), rtol=1e-6)
+    x0, eps = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 200, 400, 999])
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = d.q_sample(abar, x0, t, eps)
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps)            # Eq. 1
+    torch.testing.assert_close(d.x0_from_eps(abar, x_t, t, eps), x0, atol=1e-3, rtol=0)   # Eq. 6 inverts it
 
 
 def test_norm_guidance_closed_form(tmp_path):
@@ -166,6 +174,31 @@ def test_predict_shapes_range_and_score(tmp_path):
     torch.testing.assert_close(out['score'], expected)
     model.cfg['top_k'] = 50                                            # K = 0.78 -> at least 1
     torch.testing.assert_close(model.predict(images(3))['score'], out['map'].flatten(1).amax(1))
+
+
+def test_predict_runs_t_s_t_b_with_the_images_own_noise(tmp_path):
+    model, batch, seen = tiny_model(tmp_path), images(3), []
+    model.unet.register_forward_hook(lambda m, args, out: seen.append(args[1].tolist()))
+    out = model.predict(batch)
+    assert seen == [[200] * 3 + [400] * 3]                             # one U-Net call: t_s, t_b
+    eps = common.sample_noise((2, 3, 32, 32), model.cfg['seed'], batch['path'])
+    t = lambda v: torch.full((3,), v)
+    with torch.no_grad():
+        logits = model(model.to_model(batch['image']), t(200), t(400), eps[:, 0], eps[:, 1])[0]
+    torch.testing.assert_close(out['map'], torch.sigmoid(logits))
+
+
+def test_training_draws_t_s_below_tau_and_t_b_above(tmp_path):
+    model, seen = tiny_model(tmp_path).train(), []
+    cfg, B = model.cfg, 4
+    opts = (torch.optim.Adam(model.unet.parameters(), 1e-4), torch.optim.Adam(model.seg.parameters(), 1e-4))
+    model.unet.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    batch = dict(images(B), mask=torch.zeros(B, 1, 32, 32), label=torch.tensor([0, 1, 0, 1]))
+    for step in range(20):
+        d.train_step(model, model, opts, batch, cfg, step)
+    t_s, t_b = torch.cat([t[:B] for t in seen]), torch.cat([t[B:] for t in seen])   # [t_s; t_b] per call
+    assert 0 <= t_s.min() and t_s.max() < cfg['tau'] <= t_b.min() and t_b.max() < cfg['T']
+    assert t_s.max() > 200 and t_b.min() < 500 and t_b.max() > 800     # the whole ranges are drawn
 
 
 def test_scores_do_not_depend_on_batch(tmp_path):

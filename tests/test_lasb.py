@@ -87,7 +87,11 @@ def test_label_inverts_to_z0():
     s, g = paper_bridge(), torch.Generator().manual_seed(1)
     z0, z1 = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
     n = torch.tensor([0, 1, 10, 250, 500, 750, 998, 999])
-    zt = s.q_sample(n, z0, z1, torch.randn(8, 3, 8, 8, generator=g))
+    eps = torch.randn(8, 3, 8, 8, generator=g)
+    zt = s.q_sample(n, z0, z1, eps)
+    c = lambda a: a[n].view(-1, 1, 1, 1)
+    torch.testing.assert_close(zt, c(s.mu0) * z0 + c(s.mu1) * z1 + c(s.std_sb) * eps)   # Eq. 11
+    assert (zt[0] - z0[0]).abs().max() < 0.05 and (zt[-1] - z1[-1]).abs().max() < 0.05  # z0 at 0, z1 at T-1
     label = s.label(n, z0, zt)
     torch.testing.assert_close(zt - s.std_fwd[n].view(-1, 1, 1, 1) * label, z0, rtol=0, atol=1e-5)
 
