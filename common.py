@@ -10,6 +10,7 @@ common.py: what the five method scripts share, and nothing method-specific.
   backbones   pretrained weights from a local file or the timm cache, BatchNorm recalibration
 """
 import csv
+import datetime
 import difflib
 import functools
 import glob
@@ -39,8 +40,8 @@ def cli(main):
     """Run main() and turn UserError into a one-line message and a non-zero exit."""
     try:
         main()
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+    except UserError as e:   # one raised in a DataLoader worker carries its traceback: keep the last line
+        print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
 
 # -----------------------------------------------------------------------------
@@ -94,7 +95,9 @@ def _coerce(key, text, default):
             return str(text)
         if kind is tuple:   # '1,2,4' or '(1, 2, 4)'
             return tuple(type(default[0])(v) for v in str(text).strip('()[] ').split(',') if v.strip())
-        return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+        if kind is int and not str(text).lstrip('+-').isdigit():   # '1e2' -> 100; digits stay exact
+            return int(float(text)) if float(text).is_integer() else int(text)
+        return kind(text)
     except (ValueError, TypeError, IndexError, KeyError):
         raise UserError(f"--{key} expects {kind.__name__} (default {default!r}), got {text!r}")
 
@@ -159,6 +162,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
     cfg['out_dir'] = cfg['out_dir'] or os.path.join(
         'out', f"{method}_{cfg['data']}_{cfg['category']}_{preset}_s{cfg['seed']}")
     cfg['device'] = pick_device(cfg['device'])
+    if cfg['dtype'] not in ('float32', 'bfloat16'):
+        raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
     if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '
                         'or pass --device cpu to run it anyway')
@@ -226,7 +231,8 @@ def dist_setup(cfg):
         if 'cuda' in cfg['device']:
             cfg['device'] = f'cuda:{local}'
             torch.cuda.set_device(cfg['device'])
-        dist.init_process_group('nccl' if 'cuda' in cfg['device'] else 'gloo')
+        # ranks > 0 wait in a barrier while rank 0 evaluates, which can outlast the 10-30 min default
+        dist.init_process_group('nccl' if 'cuda' in cfg['device'] else 'gloo', timeout=datetime.timedelta(hours=6))
     if 'cuda' in cfg['device']:
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls/convs: float32 range, faster
         torch.backends.cudnn.allow_tf32 = True
@@ -234,8 +240,9 @@ def dist_setup(cfg):
 
 
 def dist_teardown():
+    """No barrier: run() already meets one after every category, and after an error on one rank a
+    barrier would wait for ranks that are stuck elsewhere."""
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -260,10 +267,15 @@ def all_reduce_grads(params):
 
 
 def check_finite(loss, step, ckpt_path):
-    """Stop on a NaN/inf loss before it reaches the weights; the last checkpoint stays as it was."""
-    if not torch.isfinite(loss).all():
-        raise UserError(f'loss is {loss.item()} at step {step}: training stopped; the last good '
-                        f'checkpoint is {ckpt_path} (lower the learning rate, then --resume)')
+    """Stop on a NaN/inf loss before it reaches the weights; the last checkpoint stays as it was.
+    Decided over all ranks (one collective per step), so every rank stops, not just the one that
+    saw it while the others wait for its gradients."""
+    bad = (~torch.isfinite(loss.detach())).any().float()
+    if rank_world()[1] > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise UserError(f'loss is not finite at step {step} (here {loss.item()}): training stopped; the '
+                        f'last good checkpoint is {ckpt_path} (lower the learning rate, then --resume)')
 
 
 def run(cfg, train, Model):
@@ -278,9 +290,15 @@ def run(cfg, train, Model):
         results = []
         for cat in cats:
             c = dict(cfg, category=cat, out_dir=os.path.join(cfg['out_dir'], cat)) if each else cfg
-            trained_with = None
+            trained_with, path = None, os.path.join(c['out_dir'], 'ckpt.pt')
             if c['eval'] and not c['train']:
-                model, ckpt = load(os.path.join(c['out_dir'], 'ckpt.pt'), Model, device=c['device'])
+                ckpt = read_checkpoint(path)
+                changed = {k: c[k] for k in Model.INFER_KEYS if c[k] != ckpt['config'].get(k)}
+                if changed:           # never evaluate other keys silently, nor into the run's results
+                    trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
+                    raise UserError(f'--eval evaluates {path} as trained ({trained}); for other inference keys '
+                                    'run: python eval.py ' + path + ''.join(f' --{k} {v}' for k, v in changed.items()))
+                model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             else:
                 model, seconds = train(c)
@@ -311,11 +329,15 @@ def save(path, model, **state):
     ckpt = dict(method=method_of(type(model)), config=model.cfg, preset=model.cfg.get('preset'),
                 model=model.state_dict(), versions=versions(), **state)
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:                      # an interrupted or failed write leaves no temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_checkpoint(path):
@@ -1050,11 +1072,18 @@ def load_pretrained(net, name, weights):
 def read_weights(path):
     """A state dict from a .safetensors file or a torch file (.pth/.bin/.pt, tensors only; a
     {'state_dict': ...} or {'model': ...} wrapper is unpacked)."""
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    return state.get('state_dict', state.get('model', state))
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:    # truncated, not a weights file, or a pickled module (refused)
+        raise UserError(f'cannot read weights from {path} ({type(e).__name__}): give a state dict saved '
+                        'with torch.save(model.state_dict()) or a .safetensors file')
+    state = state.get('state_dict', state.get('model', state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f'{path} holds no state dict of tensors (a {type(state).__name__})')
+    return state
 
 
 def file_sha256(path):

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ def test_config_forms_types_and_presets(capsys):
     out = capsys.readouterr().out
     assert 'preset tiny (auto)' in out and 'overriding: lr = 0.0003' in out
     assert cfg_of('--steps', '8')['steps'] == 8                          # command line beats preset
+    assert cfg_of('--seed', '9007199254740993')['seed'] == 2 ** 53 + 1 and cfg_of('--steps', '1e2')['steps'] == 100
     assert cfg_of('--lr', '1')['lr'] == 1.0 and isinstance(cfg_of('--lr', '1')['lr'], float)
     assert cfg_of('--preset', 'paper', '--device', 'cpu')['steps'] == 1000
     paper = cfg_of('--data', 'mvtec', '--device', 'cpu')
@@ -54,6 +56,7 @@ def test_config_forms_types_and_presets(capsys):
     (['--lr', '--steps', '3'], '--lr needs a value'),
     (['train'], "unexpected argument 'train'"),
     (['--preset', 'huge'], "unknown preset 'huge'"),
+    (['--dtype', 'float16'], "--dtype must be float32 or bfloat16 (got 'float16')"),
 ])
 def test_config_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -88,6 +91,22 @@ def test_cli_turns_user_errors_into_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         common.cli(main)
     assert e.value.code == 2 and capsys.readouterr().err == 'error: no checkpoint at x\n'
+
+    def in_a_worker():   # how a DataLoader worker's UserError arrives: its traceback in the message
+        raise UserError('Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent '
+                        'call last):\n  File "common.py", line 1\ncommon.UserError: no DTD images at d\n')
+    with pytest.raises(SystemExit):
+        common.cli(in_a_worker)
+    assert capsys.readouterr().err == 'error: no DTD images at d\n'
+
+
+def test_a_nan_on_any_rank_stops_every_rank(monkeypatch):
+    loss = torch.tensor(0.5)
+    common.check_finite(loss, 3, 'ckpt.pt')                              # finite, one process: no error
+    monkeypatch.setattr(common, 'rank_world', lambda: (0, 2))
+    monkeypatch.setattr(common.dist, 'all_reduce', lambda t, op: t.fill_(1.0))   # rank 1 saw a NaN
+    with pytest.raises(UserError, match='loss is not finite at step 3 .here 0.5.'):
+        common.check_finite(loss, 3, 'ckpt.pt')
 
 # -----------------------------------------------------------------------------
 # data loaders on small trees built in tmp_path
@@ -473,6 +492,10 @@ def test_save_is_atomic_and_load_restores_and_checks(tmp_path):
     m.stat += 3
     common.save(path, m, step=5, train_seconds=1.5)
     assert os.listdir(tmp_path) == ['ckpt.pt']                                 # no temporary left
+    with mock.patch.object(torch, 'save', side_effect=KeyboardInterrupt):     # killed mid-write
+        with pytest.raises(KeyboardInterrupt):
+            common.save(path, m, step=6)
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and torch.load(path, weights_only=True)['step'] == 5
     m2, ckpt = common.load(path, Tiny, {'k': 4})
     assert ckpt['step'] == 5 and ckpt['method'] == 'test_common' and m2.cfg['k'] == 4
     assert torch.equal(m2.lin.weight, m.lin.weight) and torch.equal(m2.stat, m.stat)
@@ -544,5 +567,11 @@ def test_load_pretrained_from_file_checks_keys_and_records_sha(tmp_path):
         common.load_pretrained(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3)), 'toy', str(f))
     with pytest.raises(UserError, match='not found'):
         common.load_pretrained(dst, 'toy', str(tmp_path / 'missing.pth'))
+    torch.save(src, tmp_path / 'module.pth')                                  # the module, not its state dict
+    (tmp_path / 'cut.pth').write_bytes(f.read_bytes()[:100])
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    for name, message in (('module', 'cannot read weights'), ('cut', 'cannot read weights'), ('tensor', 'no state dict')):
+        with pytest.raises(UserError, match=message):
+            common.load_pretrained(dst, 'toy', str(tmp_path / f'{name}.pth'))
     with pytest.raises(UserError, match='not in the timm cache.*--backbone_weights FILE'):
         common.load_pretrained(dst, 'no_such_model_xyz.in1k', 'timm')    # looks locally, never downloads
