@@ -5,7 +5,8 @@ tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a f
   weights, only rank 0 writes, and the checkpoint loads and predicts;
 - a training killed with SIGKILL between checkpoints resumes and ends with exactly the weights of
   an uninterrupted run of the same seed;
-- a NaN loss stops training with a one-line message and keeps the last good checkpoint.
+- a NaN loss stops training with a one-line message and keeps the last good checkpoint, and a NaN
+  on one of two ranks stops both (no rank waits forever for the other's gradients).
 """
 import os
 import subprocess
@@ -119,9 +120,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(method, tmp_path, mon
     monkeypatch.setattr(common, 'check_finite', lambda loss, step, path: real_check(
         loss * float('nan') if step >= 2 else loss, step, path))
     module, cfg = micro_cfg(method, tmp_path)
-    with pytest.raises(common.UserError, match='loss is nan at step 2.*last good checkpoint'):
+    with pytest.raises(common.UserError, match='loss is not finite at step 2 .here nan.*last good checkpoint'):
         module.train(cfg)
     ckpt = common.read_checkpoint(str(tmp_path / 'ckpt.pt'))
     assert ckpt['step'] == 2                                 # written after step 2, before the NaN
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
     load_and_predict(method, str(tmp_path / 'ckpt.pt'))
+
+
+def test_a_nan_on_one_rank_stops_both_ranks(tmp_path):
+    run = harness('diffusionad', tmp_path / 'dump', tmp_path / 'out', '--nan_on_rank', '1', torchrun=True)
+    assert run.returncode != 0 and run.stderr.count('error: loss is not finite at step 2') == 2, run.stderr[-3000:]
+    assert common.read_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))['step'] == 2
