@@ -561,7 +561,8 @@ def _load_category(cfg, cat, ci, split):
         records = [(x.transpose(1, 2, 0), y, m[0] if y else None) for x, m, y in zip(images, masks, labels)]
     else:
         records = _list(cfg['data'], cfg['data_root'], cat, part)
-        paths = [os.path.relpath(r[0], cfg['data_root']) for r in records]
+        # '/' on every OS: paths seed the test-time noise, so Windows and Linux draw the same
+        paths = [os.path.relpath(r[0], cfg['data_root']).replace(os.sep, '/') for r in records]
     if split != 'test':   # the validation split: a seeded share of train/good, per category
         order = np.random.default_rng(key_seed(cfg['seed'], 'val', cat)).permutation(len(records))
         n_val = int(round(cfg['val_frac'] * len(records)))
