@@ -168,7 +168,7 @@ def test_random_backbone_residual_branches_are_off(trained):
     # the docstring's account of the offline backbone: timm zero-initialises each block's last
     # BatchNorm scale, BatchNorm recalibration keeps it, so every residual branch outputs 0
     from timm.models.resnet import BasicBlock, Bottleneck
-    model, _, batch = trained
+    model = trained[0]
     blocks = [m for m in model.backbone.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     last_bn = [b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in blocks]
     assert blocks and all(bn.weight.abs().max() == 0 for bn in last_bn)
