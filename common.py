@@ -382,7 +382,8 @@ def load(path, Model, overrides=None, device='cpu', ckpt=None):
     return model.to(device).eval(), ckpt
 
 
-def versions():
+@functools.lru_cache(maxsize=1)
+def versions():   # once per process: every checkpoint save would otherwise run git twice
     import torchvision
     try:
         import timm

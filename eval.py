@@ -230,9 +230,9 @@ def write_heatmaps(folder, dataset, outs, n):
 # command line: checkpoint, --compare, --predict, --bench, --baselines
 
 
-def _load(path, overrides=None, device=None):
+def _load(path, overrides=None, device=None, ckpt=None):
     """A checkpoint of any method: the method file is named in the checkpoint itself."""
-    ckpt = common.read_checkpoint(path)
+    ckpt = ckpt or common.read_checkpoint(path)
     if ckpt['method'] not in common.METHODS:
         raise UserError(f"{path} is a checkpoint of {ckpt['method']!r}, not of {', '.join(common.METHODS)}")
     Model = importlib.import_module(ckpt['method']).Model
@@ -240,10 +240,10 @@ def _load(path, overrides=None, device=None):
 
 
 def evaluate_checkpoint(path, argv):
-    cfg = common.read_checkpoint(path)['config']
-    overrides = common._parse_argv(argv, {**cfg, 'heatmaps': 0})   # load() refuses non-inference keys
+    ckpt = common.read_checkpoint(path)                            # read once: paper checkpoints are GBs
+    overrides = common._parse_argv(argv, {**ckpt['config'], 'heatmaps': 0})   # load() refuses non-inference keys
     heatmaps = overrides.pop('heatmaps', 0)
-    model, ckpt = _load(path, overrides, overrides.get('device'))
+    model, ckpt = _load(path, overrides, overrides.get('device'), ckpt)
     tag = '_'.join(f'{k}{v}' for k, v in overrides.items())    # any override: never over the run's results
     out_dir = os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')
     test = common.load_dataset(model.cfg, 'test')
