@@ -63,7 +63,7 @@ BASE_CONFIG = dict(
     val_frac=0.1,           # share of train/good held out as the validation split (never the test set)
     train=False,            # train, then evaluate (what happens when neither --train nor --eval is given)
     eval=False,             # only evaluate the checkpoint in out_dir
-    resume=False,           # continue training from out_dir/ckpt.pt (exactly, on the same hardware)
+    resume=False,           # continue out_dir/ckpt.pt exactly (same hardware), with its config + keys given
     dtd_root='',            # DTD folder (images/*/*.jpg) for Perlin anomaly textures; '' = procedural
     backbone_weights='',    # '' = random init + BatchNorm recalibration, 'timm' = timm cache, or a file
     num_workers=0,          # data loader worker processes for training
@@ -73,6 +73,9 @@ BASE_CONFIG = dict(
 )
 METHODS = ('diffusionad', 'inversion_ad', 'omiad', 'decodiff', 'lasb')
 RUNTIME_KEYS = ('device', 'data_root', 'batch_size', 'heatmaps', 'num_workers', 'out_dir', 'dtype')
+# what a resumed run always takes from the command line (where files are, how to run); see resume()
+RESUME_KEYS = ('device', 'data_root', 'num_workers', 'out_dir', 'category', 'heatmaps', 'compile',
+               'log_interval', 'ckpt_interval', 'train', 'eval', 'resume', 'cli_keys')
 
 
 def _comments(path):
@@ -158,7 +161,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         preset = 'tiny' if data == 'synthetic' else 'paper'
     if preset not in presets:
         raise UserError(f"unknown preset {preset!r}; choose auto, {', '.join(presets)}")
-    cfg = data_defaults({**defaults, **presets[preset], **cli_args, 'preset': preset, 'method': method})
+    cfg = data_defaults({**defaults, **presets[preset], **cli_args, 'preset': preset, 'method': method,
+                         'cli_keys': tuple(cli_args)})      # what the user chose; --resume keeps these
     cfg['out_dir'] = cfg['out_dir'] or os.path.join(
         'out', f"{method}_{cfg['data']}_{cfg['category']}_{preset}_s{cfg['seed']}")
     cfg['device'] = pick_device(cfg['device'])
@@ -301,6 +305,9 @@ def run(cfg, train, Model):
                 model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             else:
+                if c['resume'] and each and not os.path.isfile(path):   # not reached before the kill
+                    print0(f'{cat}: no checkpoint at {path}, training it from the start')
+                    c = dict(c, resume=False)
                 model, seconds = train(c)
             if rank == 0:
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS}), 'test')
@@ -358,19 +365,37 @@ def read_checkpoint(path):
 
 
 def load(path, Model, overrides=None, device='cpu', ckpt=None):
-    """(model, ckpt) from a checkpoint of this Model. overrides may change INFER_KEYS and run-time
-    keys (device, data_root, ...) only; anything else would need retraining."""
-    ckpt, method = ckpt or read_checkpoint(path), method_of(Model)
-    if ckpt['method'] != method:
-        raise UserError(f"{path} is a {ckpt['method']} checkpoint; use {ckpt['method']}.py, "
-                        f"not {method}.py")
-    cfg = dict(ckpt['config'])
-    for key, value in (overrides or {}).items():
+    """(model in eval mode, ckpt) from a checkpoint of this Model. overrides may change INFER_KEYS and
+    run-time keys (device, data_root, ...) only; anything else would need retraining."""
+    ckpt = ckpt or read_checkpoint(path)
+    for key in overrides or {}:
         if key not in tuple(Model.INFER_KEYS) + RUNTIME_KEYS:
-            raise UserError(f'--{key} cannot change without retraining; inference keys of {method}: '
-                            f"{', '.join(Model.INFER_KEYS) or 'none'}")
-        cfg[key] = value
-    cfg['device'] = device
+            raise UserError(f'--{key} cannot change without retraining; inference keys of '
+                            f"{method_of(Model)}: {', '.join(Model.INFER_KEYS) or 'none'}")
+    cfg = {**ckpt['config'], **(overrides or {}), 'device': device}
+    return _restore(path, Model, cfg, ckpt).eval(), ckpt
+
+
+def resume(cfg, Model):
+    """(model, ckpt) to continue training from out_dir/ckpt.pt. The run keeps the config it was saved
+    with, so it continues exactly whatever the defaults and presets say now; keys given on the command
+    line (cli_keys) still win, each change printed, and RESUME_KEYS always come from the command line."""
+    path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    ckpt = read_checkpoint(path)
+    saved, given = ckpt['config'], set(cfg.get('cli_keys', ())) | set(RESUME_KEYS)
+    for key in sorted(given - set(RESUME_KEYS)):
+        if key in saved and saved[key] != cfg[key]:
+            print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
+    model = _restore(path, Model, {**saved, **{k: cfg[k] for k in given if k in cfg}}, ckpt)
+    print0(f"resuming {path} at step {ckpt['step']}" + (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
+    return model.to(cfg['device']), ckpt
+
+
+def _restore(path, Model, cfg, ckpt):
+    """Model(cfg) holding the checkpoint's weights, or a one-line error if they do not fit."""
+    method = method_of(Model)
+    if ckpt['method'] != method:
+        raise UserError(f"{path} is a {ckpt['method']} checkpoint; use {ckpt['method']}.py, not {method}.py")
     model = Model(cfg)
     try:
         missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
@@ -379,7 +404,7 @@ def load(path, Model, overrides=None, device='cpu', ckpt=None):
     if missing or unexpected:
         raise UserError(f'{path} does not match this version of {method}.py (different config or '
                         f'code): missing {missing[:3]}, unexpected {unexpected[:3]}')
-    return model.to(device).eval(), ckpt
+    return model.to(cfg['device'])
 
 
 @functools.lru_cache(maxsize=1)

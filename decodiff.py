@@ -669,11 +669,15 @@ def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=
 def setup(cfg):
     """Check the config, then build the model (loading the SD VAE if asked) or restore it from the
     checkpoint (--resume). Returns (model, checkpoint or None, training images, checkpoint path)."""
+    path, resume = os.path.join(cfg['out_dir'], 'ckpt.pt'), cfg['resume']
+    if resume:                                        # the checkpoint's config, see common.resume
+        model, ckpt = common.resume(cfg, Model)
+        cfg = model.cfg
     f = 8 if cfg['vae'] == 'sd' else 2 ** (len(cfg['ae_channels']) - 1)      # downsampling factor
-    path, latent = os.path.join(cfg['out_dir'], 'ckpt.pt'), cfg['image_size'] // f
+    latent = cfg['image_size'] // f
     if cfg['vae'] not in ('sd', 'small'):
         raise common.UserError(f"--vae {cfg['vae']!r}: choose sd or small")
-    if cfg['vae'] == 'sd' and not cfg['vae_weights'] and not cfg['resume']:
+    if cfg['vae'] == 'sd' and not cfg['vae_weights'] and not resume:
         raise common.UserError('--vae sd needs --vae_weights: a local copy of stabilityai/sd-vae-ft-ema '
                                '(diffusion_pytorch_model.safetensors), or use --vae small')
     if any(latent % p for p in cfg['patch_sizes']) or len(cfg['patch_sizes']) != len(cfg['patch_probs']):
@@ -681,8 +685,7 @@ def setup(cfg):
                                'and match --patch_probs in length')
     respaced(cfg['T'], cfg['S'])
     data = common.load_dataset(cfg, 'train')
-    if cfg['resume']:
-        model, ckpt = common.load(path, Model, device=cfg['device'])
+    if resume:
         return model, ckpt, data, path
     cfg = dict(cfg, n_classes=len(data.categories))
     common.seed_everything(cfg['seed'])                       # same initial weights on every rank

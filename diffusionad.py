@@ -490,30 +490,28 @@ def average_bn_statistics(net):
 
 
 def setup(cfg):
-    """Build the model and optimisers; restore them from out_dir/ckpt.pt with cfg['resume']."""
+    """Build the model and optimisers, or restore them from out_dir/ckpt.pt (--resume; the run then
+    keeps the checkpoint's config, see common.resume). Returns (model, opts, step, seconds)."""
     _, world = common.rank_world()
     common.seed_everything(cfg['seed'])        # same initial weights on every rank
-    model = Model(cfg).to(cfg['device'])
+    model, ckpt = common.resume(cfg, Model) if cfg['resume'] else (Model(cfg).to(cfg['device']), None)
     if world > 1 and 'cuda' in cfg['device']:   # BatchNorm statistics over the global batch
         model.seg = nn.SyncBatchNorm.convert_sync_batchnorm(model.seg)
     common.print0('parameters: ' + ', '.join(f'{n} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M'
                                              for n, m in model.named_children()))
-    opts = (torch.optim.Adam(model.unet.parameters(), lr=cfg['lr']),
-            torch.optim.Adam(model.seg.parameters(), lr=cfg['lr_seg']))
-    step, seconds = 0, 0.0
-    if cfg['resume']:
-        ckpt = common.read_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))
-        model.load_state_dict(ckpt['model'])
-        for opt, state in zip(opts, (ckpt['opt_unet'], ckpt['opt_seg'])):
-            opt.load_state_dict(state)
-        step, seconds = ckpt['step'], ckpt['train_seconds']
-        common.print0(f'resumed from step {step}')
-    return model, opts, step, seconds
+    opts = (torch.optim.Adam(model.unet.parameters(), lr=model.cfg['lr']),
+            torch.optim.Adam(model.seg.parameters(), lr=model.cfg['lr_seg']))
+    if ckpt is None:
+        return model, opts, 0, 0.0
+    for opt, state in zip(opts, (ckpt['opt_unet'], ckpt['opt_seg'])):
+        opt.load_state_dict(state)
+    return model, opts, ckpt['step'], ckpt['train_seconds']
 
 
 def train(cfg):
     """Joint training of both sub-networks for `steps` steps; returns (model in eval mode, seconds)."""
     model, opts, step, seconds = setup(cfg)
+    cfg = model.cfg                            # the checkpoint's, when resuming
     data = common.load_dataset(cfg, 'train')
     steps = cfg['steps'] or cfg['epochs'] * (len(data) // cfg['batch_size'])
     batches = common.train_batches(data, cfg, step, functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))

@@ -465,12 +465,12 @@ def train(cfg):
     cfg, (rank, _), resume, t0 = dict(cfg), common.rank_world(), cfg['resume'], time.time()
     inversion_timesteps(cfg['S'], cfg['T'])                                    # fail early on a bad --S
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    if resume:                                   # the run keeps the checkpoint's config (common.resume)
+        model, ckpt = common.resume(cfg, Model)
+        cfg = model.cfg
     train_set, val_set = common.load_dataset(cfg, 'train'), common.load_dataset(cfg, 'val')
-    if resume:
-        model, ckpt = common.load(ckpt_path, Model, device=cfg['device'])
-    else:
+    if not resume:                               # build() keeps cfg as model.cfg and completes it
         model, ckpt = build(cfg, train_set), dict(step=0, train_seconds=0.0)
-    cfg = model.cfg
     z_train = cache_features(model, train_set)                                # (N, 272, g, g), once
     common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
     per_epoch = math.ceil(len(z_train) / cfg['batch_size'])

@@ -547,21 +547,6 @@ def prepare_backbone(model, data, cfg):
                 file='', sha256='')
 
 
-def resume(path, model):
-    """Load the checkpoint to continue from (stage, step, optimiser, raw bridge weights)."""
-    ckpt = common.read_checkpoint(path)
-    if ckpt['method'] != 'lasb':
-        raise common.UserError(f"{path} is a {ckpt['method']} checkpoint, not a lasb one")
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise common.UserError(f'{path} does not match the current config (architecture keys changed?): '
-                               f'{str(e).splitlines()[0]}')
-    model.cfg['backbone_record'] = ckpt['config'].get('backbone_record')
-    common.print0(f"resuming stage {ckpt['stage']} at step {ckpt['step']} from {path}")
-    return ckpt
-
-
 def progress(cfg, stage, step, total, clock, msg):
     """One log line per log_interval (rank 0); the checkpoint is written by the caller."""
     now = time.time()
@@ -685,9 +670,9 @@ def train(cfg):
     """Stage 1 then stage 2; with --resume, continue exactly from out_dir/ckpt.pt (either stage).
     Returns (model in eval mode, training seconds)."""
     common.seed_everything(cfg['seed'])            # before any per-rank seeding: one init on all ranks
-    model = Model(cfg).to(cfg['device'])
+    model, ckpt = common.resume(cfg, Model) if cfg['resume'] else (Model(cfg).to(cfg['device']), None)
+    cfg = model.cfg                                # the checkpoint's, when resuming (common.resume)
     data = common.load_dataset(cfg, 'train')
-    ckpt = resume(os.path.join(cfg['out_dir'], 'ckpt.pt'), model) if cfg['resume'] else None
     if ckpt is None:
         cfg['backbone_record'] = prepare_backbone(model, data, cfg)
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6

@@ -712,9 +712,8 @@ def train(cfg):
     check_config(cfg)
     common.seed_everything(cfg['seed'])    # the same backbone and U-Net init on every rank
     state = None
-    if cfg['resume']:                       # the checkpoint's config, except where files are
-        model, state = common.load(os.path.join(cfg['out_dir'], 'ckpt.pt'), Model, device=cfg['device'],
-                                   overrides={k: cfg[k] for k in ('out_dir', 'data_root', 'num_workers')})
+    if cfg['resume']:                       # the checkpoint's config, see common.resume
+        model, state = common.resume(cfg, Model)
     else:
         model = Model(dict(cfg)).to(cfg['device'])
     cfg = model.cfg

@@ -78,15 +78,35 @@ def test_each_runs_one_model_per_category_and_a_mean_row(tmp_path):
     assert list(runs) == [('toy_method', 'synthetic', 'each', 'tiny')]   # members folded into the summary
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    straight = toy(tmp_path / 'a', '--category', 'weave', '--steps', '6')
-    cut = toy(tmp_path / 'b', '--category', 'weave', '--steps', '3')
-    toy_method.main(['--out_dir', cut, '--category', 'weave', '--steps', '6', '--resume'])
-    a = torch.load(os.path.join(straight, 'ckpt.pt'), weights_only=True)
-    b = torch.load(os.path.join(cut, 'ckpt.pt'), weights_only=True)
-    assert a['step'] == b['step'] == 6
+def assert_same_checkpoints(a, b):
+    a, b = (torch.load(os.path.join(p, 'ckpt.pt'), weights_only=True) for p in (a, b))
+    assert a['step'] == b['step']
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_resume_keeps_the_saved_config_and_the_keys_given(tmp_path, capsys):
+    """--resume continues with the config the run was saved with (lr 0.05 and width 4 here, not the
+    defaults), keys given on the command line win (steps 3 -> 6, printed), and the result is the
+    uninterrupted run."""
+    straight = toy(tmp_path / 'a', '--category', 'weave', '--steps', '6', '--lr', '0.05', '--width', '4')
+    cut = toy(tmp_path / 'b', '--category', 'weave', '--steps', '3', '--lr', '0.05', '--width', '4')
+    capsys.readouterr()
+    toy_method.main(['--out_dir', cut, '--category', 'weave', '--steps', '6', '--resume'])
+    assert 'resuming with steps = 6 (the checkpoint had 3)' in capsys.readouterr().out
+    assert_same_checkpoints(straight, cut)
+    assert json.load(open(os.path.join(cut, 'results.json')))['config']['lr'] == 0.05
+
+
+def test_each_resumes_its_killed_category_and_trains_the_rest(tmp_path):
+    """A killed --category each run has checkpoints for the first categories only: --resume
+    continues those and trains the others from the start (it used to stop at the first missing one)."""
+    straight = toy(tmp_path / 'a', '--category', 'each', '--steps', '4')
+    cut = str(tmp_path / 'b' / 'run')
+    toy_method.main(['--out_dir', os.path.join(cut, 'weave'), '--category', 'weave', '--steps', '2'])
+    toy_method.main(['--out_dir', cut, '--category', 'each', '--steps', '4', '--resume'])
+    for cat in common.SYNTHETIC:
+        assert_same_checkpoints(os.path.join(straight, cat), os.path.join(cut, cat))
 
 
 def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
@@ -169,8 +189,9 @@ def test_postprocess_is_applied_per_category(tmp_path):
 
 
 def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
-    for seed in ('0', '1'):
-        toy_method.main(['--out_dir', str(tmp_path / f's{seed}'), '--category', 'weave', '--seed', seed])
+    for seed in ('0', '1'):                   # the same config, typed differently (steps 6 is the default)
+        toy_method.main(['--out_dir', str(tmp_path / f's{seed}'), '--category', 'weave', '--seed', seed]
+                        + ['--steps', '6'] * (seed == '1'))
     r = json.load(open(tmp_path / 's0' / 'results.json'))
     os.makedirs(tmp_path / 'each')
     json.dump(dict(r, category='each', missing=['grain']), open(tmp_path / 'each' / 'results.json', 'w'))

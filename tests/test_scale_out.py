@@ -3,8 +3,8 @@ tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a f
 
 - two ranks under torchrun (gloo on the CPU) finish, hold the same frozen backbone and the same
   weights, only rank 0 writes, and the checkpoint loads and predicts;
-- a training killed with SIGKILL between checkpoints resumes and ends with exactly the weights of
-  an uninterrupted run of the same seed;
+- a training killed with SIGKILL between checkpoints resumes (with the config it was saved with,
+  whatever the defaults say) and ends with exactly the weights of an uninterrupted run of the same seed;
 - a NaN loss stops training with a one-line message and keeps the last good checkpoint, and a NaN
   on one of two ranks stops both (no rank waits forever for the other's gradients).
 """
@@ -110,7 +110,9 @@ def test_killed_training_resumes_to_the_same_weights(method, tmp_path):
     killed = harness(method, tmp_path / 'dump', tmp_path / 'killed', '--kill_at', str(MICRO[method][1]))
     assert killed.returncode == -9                           # SIGKILL between checkpoints: no cleanup ran
     assert common.read_checkpoint(str(tmp_path / 'killed' / 'ckpt.pt'))['step'] > 0   # an earlier one is intact
-    resumed, _ = module.train(micro_cfg(method, tmp_path / 'killed', '--resume')[1])
+    cfg = micro_cfg(method, tmp_path / 'killed', '--resume')[1]
+    cfg['val_frac'] = 0.3     # as if a default had changed since: the run keeps its saved config
+    resumed, _ = module.train(cfg)
     assert_same_weights(straight.state_dict(), resumed.state_dict())
 
 

@@ -43,9 +43,9 @@ def train(cfg):
     model = Model(cfg).to(cfg['device'])
     opt = torch.optim.Adam(model.parameters(), lr=cfg['lr'])
     ckpt_path, step, seconds = os.path.join(cfg['out_dir'], 'ckpt.pt'), 0, 0.0
-    if cfg['resume']:
-        model, ckpt = common.load(ckpt_path, Model, device=cfg['device'])
-        model.train()
+    if cfg['resume']:                 # the checkpoint's config, with the keys given on the command line
+        model, ckpt = common.resume(cfg, Model)
+        cfg = model.cfg
         opt = torch.optim.Adam(model.parameters(), lr=cfg['lr'])
         opt.load_state_dict(ckpt['opt'])
         step, seconds = ckpt['step'], ckpt['train_seconds']
