@@ -1131,11 +1131,12 @@ def recalibrate_bn(net, batches):
     per-batch variances, so batches of one category each miss the variance between categories
     (features then come out hundreds of times too large)."""
     bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
     net.eval()
     for m in bns:
         m.reset_running_stats()
         m.momentum, m.training = None, True
     for x in batches:
         net(x)
-    for m in bns:
-        m.momentum, m.training = 0.1, False
+    for m, momentum in zip(bns, momenta):   # back to eval mode and the layer's own momentum
+        m.momentum, m.training = momentum, False

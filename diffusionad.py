@@ -350,6 +350,9 @@ class Model(nn.Module):
                                    f"(got {cfg['t_s']} and {cfg['t_b']})")
         if cfg['input_range'] not in ('01', 'pm1'):
             raise common.UserError(f"--input_range must be 01 or pm1 (got {cfg['input_range']!r})")
+        if len(cfg['betas']) != 2 or len(cfg['beta']) != 2:
+            raise common.UserError(f"--betas and --beta take two values, e.g. --beta 0.2,0.8 (got "
+                                   f"{cfg['betas']} and {cfg['beta']})")
         self.cfg = cfg
         self.unet = UNet(cfg['image_size'], cfg['unet_ch'], cfg['unet_mults'], cfg['unet_res'],
                          cfg['attn_res'], cfg['heads'])

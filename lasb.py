@@ -458,6 +458,9 @@ class Model(nn.Module):
             raise common.UserError(f"--latent must be prequant or quant, got {cfg['latent']!r}")
         if not 1 <= cfg['nfe'] < cfg['T'] or cfg['n_samples'] < 1:
             raise common.UserError(f"--nfe must be in 1..{cfg['T'] - 1} and --n_samples >= 1")
+        if len(cfg['score_pool']) != 2 or len(cfg['anomaly_beta']) != 2:
+            raise common.UserError(f"--score_pool and --anomaly_beta take two values, e.g. --score_pool 8,8 "
+                                   f"(got {cfg['score_pool']} and {cfg['anomaly_beta']})")
         self.cfg = cfg
         self.ae = VQAE(cfg)
         self.unet = UNet(cfg)            # the EMA weights: I2SB samples with them

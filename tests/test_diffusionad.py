@@ -272,6 +272,8 @@ def test_cli_errors(tmp_path):
         d.main(['--t_b', '1000', '--out_dir', str(tmp_path)])
     with pytest.raises(common.UserError, match='--input_range must be 01 or pm1'):
         d.main(['--input_range', '-11', '--out_dir', str(tmp_path)])
+    with pytest.raises(common.UserError, match='--betas and --beta take two values'):
+        d.main(['--beta', '0.5', '--out_dir', str(tmp_path)])
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match='paper preset'):
             d.main(['--preset', 'paper'])

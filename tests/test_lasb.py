@@ -219,6 +219,8 @@ def test_cli_errors(tmp_path, monkeypatch):
         lasb.Model(micro_cfg(tmp_path, '--nfe', '1000'))
     with pytest.raises(common.UserError, match='latent'):
         lasb.Model(micro_cfg(tmp_path, '--latent', 'kl'))
+    with pytest.raises(common.UserError, match='--score_pool and --anomaly_beta take two values'):
+        lasb.Model(micro_cfg(tmp_path, '--score_pool', '4'))
     with pytest.raises(common.UserError, match='no checkpoint'):
         lasb.train(micro_cfg(tmp_path, '--resume'))
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 3))    # as if under torchrun with 3 ranks
