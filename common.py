@@ -3,7 +3,7 @@ common.py: what the five method scripts share, and nothing method-specific.
 
   config      get_config: defaults < preset < command line, --help, errors that name the fix
   system      device, seeding, seeded generators, autocast, torch.distributed helpers, run()
-  checkpoint  save (atomic) and load (weights_only=True, clear errors)
+  checkpoint  save (atomic), load and resume (weights_only=True, clear errors)
   data        MVTec AD, MVTec-like folders, BTAD, VisA (raw and 1cls), the built-in synthetic
               benchmark; deterministic training batches; Perlin anomaly synthesis
   metrics     image/pixel AUROC, AP, F1-max, the official MVTec AUPRO, mAD
@@ -297,7 +297,8 @@ def run(cfg, train, Model):
             trained_with, path = None, os.path.join(c['out_dir'], 'ckpt.pt')
             if c['eval'] and not c['train']:
                 ckpt = read_checkpoint(path)
-                changed = {k: c[k] for k in Model.INFER_KEYS if c[k] != ckpt['config'].get(k)}
+                changed = {k: c[k] for k in Model.INFER_KEYS   # the ones typed, not the defaults
+                           if k in c.get('cli_keys', ()) and c[k] != ckpt['config'].get(k)}
                 if changed:           # never evaluate other keys silently, nor into the run's results
                     trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
                     raise UserError(f'--eval evaluates {path} as trained ({trained}); for other inference keys '

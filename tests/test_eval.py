@@ -125,6 +125,9 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     with pytest.raises(UserError, match=r'--eval evaluates \S+ as trained \(noise 0.0\); for other inference keys '
                                         r'run: python eval.py \S+ckpt.pt --noise 0.2'):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--noise', '0.2'])
+    noisy = toy(tmp_path / 'noisy', '--category', 'capsule', '--noise', '0.05')
+    toy_method.main(['--out_dir', noisy, '--category', 'capsule', '--eval'])   # not typed: as trained
+    assert json.load(open(os.path.join(noisy, 'results.json')))['config']['noise'] == 0.05
     # one image through --predict scores exactly as in the evaluation of the whole set
     test = common.load_dataset(dict(json.load(open(os.path.join(out, 'results.json')))['config'], image_size=128), 'test')
     img = tmp_path / 'one.png'
