@@ -303,6 +303,8 @@ def predict(ckpt, image_path, out='', category=''):
     Image.fromarray(_panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap,
                            amap.min(), amap.max())).save(out)
     score = float(o['score'][0])
+    if not np.isfinite(score):   # e.g. InversionAD saved before its validation statistics exist
+        raise UserError(f'{ckpt} scores this image {score}: was it saved before its training finished?')
     print(f'{image_path}: score {score:.6g} ({model.cfg["method"]}; higher = more anomalous); '
           f'heatmap (colours scaled to this image) -> {out}')
     return score, amap

@@ -51,9 +51,9 @@ Deviations and assumptions:
 - tiny preset (CPU), how each value was chosen: grid 32 (the best pixel probe above, stride 4 at
   128 px); U-Net width 64 at all three levels (32/16/8, attention at 8x8), 1 ResBlock per level
   (1.6 M), 32 epochs = 1152 steps at lr 1e-3, batch 16 (what the 10-minute budget allows); one
-  multi-class model. The width must be at least the 48 feature channels: every path to the output
-  runs through the top level, so a net of width w predicts eps in at most w of the 48 directions per
-  position, and at large t, where eps ~ x_t, its loss cannot fall below 1 - w/48 (the first tiny
+  multi-class model. The width must be at least the 48 feature channels: the input enters and eps
+  leaves through 3x3 convolutions of width w (the top level), so over a g x g grid the net's eps
+  spans at most w g^2 of the 48 g^2 dimensions, and at large t, where eps ~ x_t, its loss cannot fall below 1 - w/48 (the first tiny
   preset, width 32, stalled at 0.42; width 64 reaches 0.08). The official paper-scale net has the
   same property, mildly (256 channels on 272 features, a floor of 6%); the paper preset keeps it.
   Validation proxy (val-split normals + 2 Perlin-anomalous copies each, common.perlin_anomaly;
@@ -122,7 +122,8 @@ S_RANGE = range(2, 11)   # the inversion lengths the validation statistics are s
 EFFICIENTNET = 'tf_efficientnet_b4.aa_in1k'   # timm name of the paper's backbone (TF-ported weights)
 
 # -----------------------------------------------------------------------------
-# diffusion schedule, DDIM step and inversion (Eq. 7, 11, 12, 15)
+# diffusion schedule, DDIM step and inversion (Eq. 7, 11, 12, 15); the paper's alpha_t is the
+# cumulative product, abar here
 
 
 def linear_abar(T):
@@ -150,12 +151,12 @@ def f_theta(x, eps, ab):
 
 
 def inversion_step(x, eps, ab, ab_next):
-    """Eq. 15: x_{tau_i} -> x_{tau_i+1}, one Euler step of the PF-ODE (Eq. 13) forwards in time."""
+    """Eq. 15: x_{tau_i} -> x_{tau_{i+1}}, one Euler step of the PF-ODE (Eq. 13) forwards in time."""
     return ab_next ** 0.5 * f_theta(x, eps, ab) + (1 - ab_next) ** 0.5 * eps
 
 
 def ddim_step(x, eps, ab, ab_prev):
-    """Eq. 12 with sigma = 0: x_{tau_i} -> x_{tau_i-1}, the deterministic generative step."""
+    """Eq. 12 with sigma = 0: x_{tau_i} -> x_{tau_{i-1}}, the deterministic generative step."""
     return ab_prev ** 0.5 * f_theta(x, eps, ab) + (1 - ab_prev) ** 0.5 * eps
 
 
@@ -172,8 +173,9 @@ def invert(eps_net, z0, ts, abar, prior_step=True):
 
 
 def ddim_sample(eps_net, x, ts, abar):
-    """The deterministic generative pass (Eq. 12) from x_{ts[-1]} down to x_{ts[0]}: undoes
-    invert() over the same list without its final jump to abar = 0 (used to measure round trips)."""
+    """The deterministic generative pass (Eq. 12) from x_{ts[-1]} down to x_{ts[0]}, over the list
+    invert() walks up without its final jump to abar = 0. It undoes invert() exactly only when
+    eps_theta is the same on both paths (e.g. constant); for a trained net it measures round trips."""
     for t, t_prev in zip(ts[:0:-1], ts[-2::-1]):
         x = ddim_step(x, eps_net(x, t), abar[t], abar[t_prev])
     return x
@@ -333,7 +335,15 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, ds = cfg, [2 ** i for i in range(len(cfg['channel_mult']))]   # factor of each level
+        for bad, fix in ((cfg['feature_size'] % ds[-1], f'--feature_size must be divisible by {ds[-1]}'),
+                         (cfg['channels'] % 32 or cfg['channels'] % cfg['num_heads'],
+                          '--channels must be a multiple of 32 (GroupNorm) and of --num_heads'),
+                         (not set(cfg['attn_ds']) <= set(ds), f'--attn_ds must be among {ds}'),
+                         (cfg['pixel_norm'] not in ('imagenet', 'half'), '--pixel_norm must be imagenet or half'),
+                         (cfg['score_norm'] not in ('test', 'val'), '--score_norm must be test or val')):
+            if bad:
+                raise UserError(fix)
         if cfg['backbone'] == 'pixels':
             self.backbone, c = Pixels(cfg['feature_size']), 48
         elif cfg['backbone'] == 'efficientnet_b4':
@@ -346,8 +356,9 @@ class Model(nn.Module):
         self.unet = UNet(c, cfg['channels'], cfg['channel_mult'], cfg['num_res_blocks'], cfg['attn_ds'],
                          cfg['num_heads'])
         self.register_buffer('abar', linear_abar(cfg['T']).float(), persistent=False)
-        # min/max of (NLL, spatial) on the validation split for each S: rows S=2..10
-        self.register_buffer('val_stats', torch.tensor([[0.0, 1.0, 0.0, 1.0]]).repeat(len(S_RANGE), 1))
+        # min/max of (NLL, spatial) on the validation split for each S: rows S=2..10; NaN until the
+        # end of training (calibrate), so a checkpoint saved mid-run cannot score as if calibrated
+        self.register_buffer('val_stats', torch.full((len(S_RANGE), 4), float('nan')))
 
     def train(self, mode=True):   # the backbone stays in eval mode (frozen BatchNorm statistics)
         super().train(mode)
@@ -396,7 +407,7 @@ class Model(nn.Module):
         S = self.cfg['S']
         xT = self.invert(self.features(batch['image']), S)
         nll, sp, n = latent_scores(xT)
-        lo_n, hi_n, lo_s, hi_s = self.val_stats[S - S_RANGE[0]]
+        lo_n, hi_n, lo_s, hi_s = self.val_stats[S - S_RANGE[0]]     # NaN before calibrate()
         score = minmax(nll, lo_n, hi_n) + minmax(sp, lo_s, hi_s)   # val-normalised; postprocess may redo it
         amap = F.interpolate(n[:, None], size=batch['image'].shape[-2:], mode='bilinear', align_corners=False)
         return dict(map=amap[:, 0], score=score, scores=dict(nll=nll, spatial=sp), nfe={'backbone': 1, 'unet': S})
@@ -406,8 +417,9 @@ class Model(nn.Module):
         if self.cfg['score_norm'] == 'test':
             nll, sp = outs['scores']['nll'], outs['scores']['spatial']
             outs['score'] = minmax(nll, nll.min(), nll.max()) + minmax(sp, sp.min(), sp.max())
-        elif self.cfg['score_norm'] != 'val':
-            raise UserError(f"--score_norm must be test or val (got {self.cfg['score_norm']!r})")
+        elif self.val_stats.isnan().any():
+            raise UserError('--score_norm val: this checkpoint was saved before training ended and has no '
+                            'validation statistics yet; finish the run with --resume, or use --score_norm test')
         return outs
 
 # -----------------------------------------------------------------------------
@@ -475,6 +487,8 @@ def train(cfg):
     common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
     per_epoch = math.ceil(len(z_train) / cfg['batch_size'])
     total, warmup = cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch
+    if warmup >= total:
+        raise UserError(f"--warmup_epochs {cfg['warmup_epochs']} must be fewer than --epochs {cfg['epochs']}")
     ema = copy.deepcopy(model.unet).requires_grad_(False)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['init_lr'], weight_decay=cfg['weight_decay'])
     if resume:

@@ -16,7 +16,7 @@ import inversion_ad as ia
 
 TINY = ['--preset', 'tiny', '--category', 'weave', '--backbone', 'pixels', '--image_size', '32',
         '--feature_size', '4', '--channels', '32', '--channel_mult', '1,2', '--attn_ds', '2', '--num_heads', '2',
-        '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '1', '--ckpt_interval', '100', '--device', 'cpu']
+        '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '0', '--ckpt_interval', '100', '--device', 'cpu']
 
 
 def tiny_cfg(out_dir, *extra):
@@ -208,8 +208,34 @@ def test_exact_resume(trained, tmp_path, monkeypatch):
             assert torch.equal(a[key][k], b[key][k]), (key, k)
 
 
+def test_checkpoint_saved_before_calibration_cannot_score_with_val_statistics(tmp_path):
+    """val_stats are NaN until the end of training: a mid-run checkpoint refuses val-normalised
+    scores (--predict, score_norm=val) instead of printing raw NLL + spatial as if normalised."""
+    from PIL import Image
+    import eval as E
+    model, path, img = ia.Model(tiny_cfg(tmp_path)), str(tmp_path / 'ckpt.pt'), str(tmp_path / 'one.png')
+    common.save(path, model, step=3)                             # as a checkpoint saved mid-run
+    Image.fromarray(common.synthetic('weave', 'test')[0][50].transpose(1, 2, 0)).save(img)
+    with pytest.raises(common.UserError, match='saved before its training finished'):
+        E.predict(path, img, out=str(tmp_path / 'map.png'))
+    outs = dict(score=np.full(2, np.nan), scores=dict(nll=np.array([1.0, 2.0]), spatial=np.array([0.0, 1.0])))
+    model.cfg['score_norm'] = 'val'
+    with pytest.raises(common.UserError, match='no validation statistics yet'):
+        model.postprocess(dict(outs))
+    model.cfg['score_norm'] = 'test'                             # the test set's own min-max needs none
+    np.testing.assert_allclose(model.postprocess(dict(outs))['score'], [0.0, 2.0], atol=1e-7)
+
+
 def test_cli_errors(tmp_path):
     with pytest.raises(common.UserError, match='2..10'):
         ia.train(tiny_cfg(tmp_path, '--S', '11'))
     with pytest.raises(common.UserError, match='S'):
         common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
+    for flags, message in ((['--feature_size', '6', '--channel_mult', '1,2,2'], '--feature_size must be divisible by 4'),
+                           (['--channels', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),
+                           (['--attn_ds', '3'], r'--attn_ds must be among \[1, 2\]'),
+                           (['--pixel_norm', 'imagnet'], 'imagenet or half'), (['--score_norm', 'vall'], 'test or val')):
+        with pytest.raises(common.UserError, match=message):             # at once, not at the first step
+            ia.Model(tiny_cfg(tmp_path, *flags))
+    with pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):
+        ia.train(tiny_cfg(tmp_path, '--warmup_epochs', '1'))
