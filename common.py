@@ -73,9 +73,8 @@ BASE_CONFIG = dict(
 )
 METHODS = ('diffusionad', 'inversion_ad', 'omiad', 'decodiff', 'lasb')
 RUNTIME_KEYS = ('device', 'data_root', 'batch_size', 'heatmaps', 'num_workers', 'out_dir', 'dtype')
-# what a resumed run always takes from the command line (where files are, how to run); see resume()
-RESUME_KEYS = ('device', 'data_root', 'num_workers', 'out_dir', 'category', 'heatmaps', 'compile',
-               'log_interval', 'ckpt_interval', 'train', 'eval', 'resume', 'cli_keys')
+# what a resumed run takes from this command line even when not typed (see resume())
+RESUME_KEYS = ('device', 'out_dir', 'train', 'eval', 'resume', 'cli_keys')
 
 
 def _comments(path):
@@ -311,7 +310,8 @@ def run(cfg, train, Model):
                     c = dict(c, resume=False)
                 model, seconds = train(c)
             if rank == 0:
-                test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS}), 'test')
+                typed = set(c.get('cli_keys', ())) | set(RESUME_KEYS)    # else as trained (data_root, ...)
+                test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in typed}), 'test')
                 results.append(evaluate(model, test, c['out_dir'], c['heatmaps'], seconds,
                                         train_versions=trained_with))
             if each and rank == 0:   # rewritten after every category: a killed run shows what is missing
@@ -379,8 +379,9 @@ def load(path, Model, overrides=None, device='cpu', ckpt=None):
 
 def resume(cfg, Model):
     """(model, ckpt) to continue training from out_dir/ckpt.pt. The run keeps the config it was saved
-    with, so it continues exactly whatever the defaults and presets say now; keys given on the command
-    line (cli_keys) still win, each change printed, and RESUME_KEYS always come from the command line."""
+    with (data_root and category included), so it continues exactly whatever the defaults and presets
+    say now; keys typed on the command line (cli_keys) still win, each change printed; the device
+    picked here and the out_dir the checkpoint was found in (RESUME_KEYS) always apply."""
     path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     ckpt = read_checkpoint(path)
     saved, given = ckpt['config'], set(cfg.get('cli_keys', ())) | set(RESUME_KEYS)

@@ -86,16 +86,17 @@ def assert_same_checkpoints(a, b):
 
 
 def test_resume_keeps_the_saved_config_and_the_keys_given(tmp_path, capsys):
-    """--resume continues with the config the run was saved with (lr 0.05 and width 4 here, not the
-    defaults), keys given on the command line win (steps 3 -> 6, printed), and the result is the
-    uninterrupted run."""
+    """--resume continues with the config the run was saved with (category weave, lr 0.05 and width 4
+    here, not the defaults), keys given on the command line win (steps 3 -> 6, printed), and the
+    result is the uninterrupted run."""
     straight = toy(tmp_path / 'a', '--category', 'weave', '--steps', '6', '--lr', '0.05', '--width', '4')
     cut = toy(tmp_path / 'b', '--category', 'weave', '--steps', '3', '--lr', '0.05', '--width', '4')
     capsys.readouterr()
-    toy_method.main(['--out_dir', cut, '--category', 'weave', '--steps', '6', '--resume'])
+    toy_method.main(['--out_dir', cut, '--steps', '6', '--resume'])
     assert 'resuming with steps = 6 (the checkpoint had 3)' in capsys.readouterr().out
     assert_same_checkpoints(straight, cut)
-    assert json.load(open(os.path.join(cut, 'results.json')))['config']['lr'] == 0.05
+    r = json.load(open(os.path.join(cut, 'results.json')))
+    assert (r['config']['lr'], r['category']) == (0.05, 'weave')
 
 
 def test_each_resumes_its_killed_category_and_trains_the_rest(tmp_path):
