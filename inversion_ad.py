@@ -53,9 +53,10 @@ Deviations and assumptions:
   (1.6 M), 32 epochs = 1152 steps at lr 1e-3, batch 16 (what the 10-minute budget allows); one
   multi-class model. The width must be at least the 48 feature channels: the input enters and eps
   leaves through 3x3 convolutions of width w (the top level), so over a g x g grid the net's eps
-  spans at most w g^2 of the 48 g^2 dimensions, and at large t, where eps ~ x_t, its loss cannot fall below 1 - w/48 (the first tiny
-  preset, width 32, stalled at 0.42; width 64 reaches 0.08). The official paper-scale net has the
-  same property, mildly (256 channels on 272 features, a floor of 6%); the paper preset keeps it.
+  spans at most w g^2 of the 48 g^2 dimensions, and at large t, where eps ~ x_t, its loss cannot
+  fall below 1 - w/48 (the first tiny preset, width 32, stalled at 0.42; width 64 reaches 0.08).
+  The official paper-scale net has the same property, mildly (256 channels on 272 features, a
+  floor of 6%); the paper preset keeps it.
   Validation proxy (val-split normals + 2 Perlin-anomalous copies each, common.perlin_anomaly;
   image / pixel AUROC, seed 0): width 32, S = 10: 24 epochs 94.0 / 87.7, 48 epochs 95.2 / 88.8;
   width 64, 32 epochs: S = 2 97.3 / 90.9, S = 5 96.4 / 91.4, S = 10 96.8 / 90.7, so S = 2, the

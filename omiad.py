@@ -46,18 +46,22 @@ No official code exists (the repo holds only a README). Choices where the paper 
     sqrt((1 - abar)/abar) eps of pure noise in x0_hat, ~107 eps at t_init = 960: a floor of
     ~16 x 11 500 per map position at ch 256. 288 is the narrowest GroupNorm-compatible width >= 272
     (152 M parameters). Model warns when ch x ch_mult[0] < C.
-  * ASD follows SiD/SiDA's code: lr 1e-5, Adam betas (0, 0.999), t ~ U{0..t_max}, psi-only
-    warm-up, adversarial term in the generator loss only after adv_start steps, logits clamped to
-    +-10, psi gradients clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf with wf the
+  * ASD follows SiD/SiDA's code: lr 1e-5, Adam betas (0, 0.999), psi-only warm-up, adversarial
+    term in the generator loss only after adv_start steps, logits clamped to +-10, psi gradients
+    clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf with wf the
     per-sample mean |x_g - x0_hat_phi| (SiD's normaliser), which makes Eq. 27 identical to SiD's
     x0-space loss. Algorithm 1 line 13 writes (eps_phi - eps_psi)(eps_psi - eps_t), which differs
     from Eq. 15/27 by a -||Delta||^2 term: we use Eq. 15/27 (= SiD's code). Eq. 18 as printed
     (mean D) would push D(x_t) down; we use the non-saturating -log D(x_t) of SiDA. The lambdas of
     Algorithm 1 (garbled in the PDF) are read as lambda_psi^adv = 1 and lambda_theta^adv = 0.01 on
-    per-element means. One data batch per iteration serves both updates (x_g computed once, line 4).
-    The generator is used as trained (SiDA also keeps an EMA of it; not done here).
-    The generator's reconstruction error on the validation split is monitored against the
-    teacher's (one-step, = the generator at initialisation); > drift_max x stops training.
+    per-element means, with SiDA's 1/2 on the discriminator loss (so 0.5 in the paper's -Eq. 17);
+    as the score and SiD losses are means too, not the paper's squared-norm sums, both adversarial
+    terms weigh more against them (up to C x S^2 times) than the same lambdas would there.
+    t ~ U{0..t_max} in both updates follows Algorithm 1 (SiDA draws sigma log-normally). One data
+    batch per iteration serves both updates (x_g computed once, line 4). The generator is used as
+    trained (SiDA also keeps an EMA of it; not done here). Its reconstruction error on the
+    validation split is monitored against the teacher's (one-step, = the generator at
+    initialisation) before every checkpoint; > drift_max x stops training.
   * Inference: fixed per-sample noise (seeded by the image path), map = squared L2 over channels
     upsampled bilinearly to the input size; image score = max of a 16x16 (at 224 px; scaled with
     the input size) average-pooled map, as UniAD and HVQ-Trans (same group) score images.
@@ -339,16 +343,6 @@ def sid_loss(eps_phi, eps_psi, eps, t, abar, alpha):
     return (gamma * (delta * (eps - eps_phi) - alpha * delta ** 2)).mean(), wf
 
 
-def max_box_mean(amap, k):
-    """UniAD's image score: the max over positions of the k x k mean of amap (B, 1, H, W), i.e.
-    F.avg_pool2d(amap, k, stride=1).amax(), with the box sums taken from running sums one axis at a
-    time (differences of prefix sums): O(1) per position instead of O(k^2). float32, so any device."""
-    for dim in (-1, -2):
-        c = F.pad(amap.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))   # c[i] = sum of amap[:i]
-        amap = c.narrow(dim, k, c.shape[dim] - k) - c.narrow(dim, 0, c.shape[dim] - k)
-    return amap.flatten(1).amax(1) / k ** 2
-
-
 def bce(logits, target):
     """Per-sample binary cross-entropy of a logit map (B, S', S') against a constant target: (B,)."""
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target),
@@ -379,6 +373,9 @@ class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        if not 0 <= cfg['t_init'] < cfg['T'] or not 1 <= cfg['teacher_steps'] <= max(cfg['t_init'], 1):
+            raise common.UserError(f"--t_init must lie in 0..{cfg['T'] - 1} and --teacher_steps in 1..t_init "
+                                   f"(got {cfg['t_init']} and {cfg['teacher_steps']})")
         if cfg['backbone'] == 'pixels':
             self.backbone, C = Pixels(cfg['feat_size']), 48           # 3 x 4 x 4 values per cell
         else:                                                         # built here, weights set by train()
@@ -447,6 +444,9 @@ class Model(nn.Module):
     def predict(self, batch):
         """Algorithm 2: features, noise at t_init (per-sample seeded), one generator step, map."""
         image, cfg = batch['image'], self.cfg
+        if not cfg.get('distilled', True) and not cfg['use_teacher']:
+            raise common.UserError('this checkpoint was saved in stage 1: the generator is not distilled yet; '
+                                   'finish the run with --resume, or score the teacher with --use_teacher')
         x0 = self.features(image)
         eps = common.sample_noise(x0.shape[1:], cfg['seed'], batch['path'], x0.device)
         if cfg['use_teacher']:
@@ -456,7 +456,7 @@ class Model(nn.Module):
         S = ((x0 - x0_hat) ** 2).sum(1, keepdim=True)                # Alg. 2 line 8, (B, 1, S, S)
         amap = F.interpolate(S, size=image.shape[-2:], mode='bilinear', align_corners=False)
         k = max(1, round(cfg['score_kernel'] * image.shape[-1] / 224))
-        score = max_box_mean(amap, k)                                 # UniAD's image score
+        score = F.avg_pool2d(amap, k, stride=1).flatten(1).amax(1)    # UniAD's image score
         return dict(map=amap[:, 0], score=score, nfe={'unet': nfe})
 
 # -----------------------------------------------------------------------------
@@ -562,6 +562,7 @@ def train_amdm(model, cfg, data, x0, state, clock):
     model.teacher.load_state_dict(ema.state_dict())                  # phi = the EMA teacher
     model.teacher.requires_grad_(False)
     model.generator.load_state_dict(ema.state_dict())                # Alg. 1 line 2: theta <- phi
+    model.cfg['distilled'] = True                                    # predict() refuses stage-1 weights
 
 
 @torch.no_grad()
@@ -586,7 +587,7 @@ def psi_update(model, psi, opt, x0, x_g, gen, cfg):
         eps_psi, d_fake = psi(x_t, t, logits=True)
         d_real = psi.disc(y_t, t)                                      # encoder only
     loss_score = F.mse_loss(eps_psi.float(), eps)                     # Eq. 13 (gamma = 1)
-    loss_d = 0.5 * (bce(d_real.float(), 1.0) + bce(d_fake.float(), 0.0)).mean()   # -Eq. 17
+    loss_d = 0.5 * (bce(d_real.float(), 1.0) + bce(d_fake.float(), 0.0)).mean()   # -Eq. 17 / 2 (SiDA)
     loss = loss_score + cfg['lambda_d'] * loss_d
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -661,8 +662,10 @@ def train_asd(model, cfg, data, x0_train, state, clock):
         opt_g.load_state_dict(state['opt_g'])
         opt_psi.load_state_dict(state['opt_psi'])
         step = state['step']
+    else:                           # the distilled-at-init model: evaluable, and what a drift stop keeps
+        save_asd(model, 0, psi, opt_g, opt_psi, clock())
     batches = feature_batches(model, data, x0_train, cfg, cfg['amdm_steps'] + step)
-    tic = time.time()
+    tic, last = time.time(), step
     for step in tqdm(range(step, cfg['asd_steps']), 'ASD', disable=rank > 0, initial=step,
                      total=cfg['asd_steps'], leave=False):
         gen, x0 = common.generator(cfg['seed'], rank, 'asd', step), next(batches)
@@ -679,17 +682,16 @@ def train_asd(model, cfg, data, x0_train, state, clock):
             loss_g, l_sid, l_adv = generator_update(model, g, psi, opt_g, x_g, gen, cfg, use_adv)
             common.check_finite(loss_g, step, ckpt_path)
             opt_g.step()
-        if (step + 1) % cfg['log_interval'] == 0 or step + 1 == cfg['asd_steps']:
-            drift = check_drift(model, x0_val, eps_val, ref, step + 1)     # before a save
+        save = (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['asd_steps']
+        if (step + 1) % cfg['log_interval'] == 0 or save:
+            drift = check_drift(model, x0_val, eps_val, ref, step + 1)     # before every save
             common.print0(f"asd step {step + 1}/{cfg['asd_steps']} | psi {l_score.item():.4f} | "
                           f"D {l_d.item():.3f} | sid {l_sid.item():.2e} | adv {l_adv.item():.3f} | "
                           f"val err x{drift:.3f} teacher | lr {cfg['asd_lr']:.1e} | "
-                          f"{cfg['log_interval'] / (time.time() - tic):.2f} it/s")
-            tic = time.time()
-        if (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['asd_steps']:
+                          f"{(step + 1 - last) / (time.time() - tic):.2f} it/s")
+            tic, last = time.time(), step + 1
+        if save:
             save_asd(model, step + 1, psi, opt_g, opt_psi, clock())
-    if cfg['asd_steps'] == 0:                                         # a teacher-only run
-        save_asd(model, 0, psi, opt_g, opt_psi, clock())
     g.requires_grad_(False)
 
 
@@ -703,8 +705,11 @@ def check_config(cfg):
         raise common.UserError('--backbone pixels has no weights; drop --backbone_weights')
     if cfg['mask'] not in ('spatial', 'element'):
         raise common.UserError(f"--mask must be spatial or element, not {cfg['mask']!r}")
-    if not 0 <= cfg['t_init'] < cfg['T'] or not 0 <= cfg['t_max'] < cfg['T']:
-        raise common.UserError(f"--t_init and --t_max must lie in 0..{cfg['T'] - 1}")
+    if not 0 <= cfg['t_max'] < cfg['T']:
+        raise common.UserError(f"--t_max must lie in 0..{cfg['T'] - 1}")
+    if cfg['ch'] % 32 or cfg['feat_size'] % 2 ** (len(cfg['ch_mult']) - 1):
+        raise common.UserError(f"--ch must be a multiple of 32 (GroupNorm) and --feat_size divisible by "
+                               f"{2 ** (len(cfg['ch_mult']) - 1)} (one halving per U-Net level)")
 
 
 def train(cfg):
@@ -715,7 +720,7 @@ def train(cfg):
     if cfg['resume']:                       # the checkpoint's config, see common.resume
         model, state = common.resume(cfg, Model)
     else:
-        model = Model(dict(cfg)).to(cfg['device'])
+        model = Model(dict(cfg, distilled=False)).to(cfg['device'])   # True once theta <- phi
     cfg = model.cfg
     data = common.load_dataset(cfg, 'train')
     if state is None:

@@ -231,10 +231,11 @@ def test_cli_errors(tmp_path):
         ia.train(tiny_cfg(tmp_path, '--S', '11'))
     with pytest.raises(common.UserError, match='S'):
         common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
-    for flags, message in ((['--feature_size', '6', '--channel_mult', '1,2,2'], '--feature_size must be divisible by 4'),
+    for flags, message in ((['--feature_size', '6', '--channel_mult', '1,2,2'], 'feature_size must be divisible by 4'),
                            (['--channels', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),
                            (['--attn_ds', '3'], r'--attn_ds must be among \[1, 2\]'),
-                           (['--pixel_norm', 'imagnet'], 'imagenet or half'), (['--score_norm', 'vall'], 'test or val')):
+                           (['--pixel_norm', 'imagnet'], 'imagenet or half'),
+                           (['--score_norm', 'vall'], 'test or val')):
         with pytest.raises(common.UserError, match=message):             # at once, not at the first step
             ia.Model(tiny_cfg(tmp_path, *flags))
     with pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):

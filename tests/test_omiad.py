@@ -114,14 +114,6 @@ def test_sid_gradient_matches_x0_form():
     assert torch.allclose(grads[0], grads[1], rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize('k', [1, 3, 9, 16])
-def test_max_box_mean_is_max_of_avg_pool(k):
-    amap = torch.rand((5, 1, 40, 33), generator=torch.Generator().manual_seed(k)) * 100
-    amap[2, 0, 30:, 20:] += 1e4                                  # a peak in the corner region
-    expected = F.avg_pool2d(amap.double(), k, stride=1).flatten(1).amax(1)
-    assert torch.allclose(omiad.max_box_mean(amap, k).double(), expected, rtol=1e-5, atol=0)
-
-
 def test_discriminator_map_shape(tmp_path):
     cfg = tiny_cfg(tmp_path, '--ch_mult', '1,2,2')
     net = omiad.UNet(cfg, 272)
@@ -234,6 +226,15 @@ def test_generator_starts_as_the_one_step_teacher(run):
         a['map'], model.predict(batch(2))['map'], rtol=1e-5)   # ... and ASD moved it
 
 
+def test_score_is_the_max_of_the_box_averaged_map(run):
+    """UniAD's image score: max over positions of the k x k mean of the map, k = 16 at 224 px scaled
+    with the image (64 px here: k = 5)."""
+    out = run[0].predict(batch(3))
+    boxes = F.avg_pool2d(out['map'][:, None].double(), 5, stride=1)
+    assert torch.allclose(out['score'].double(), boxes.flatten(1).amax(1), rtol=1e-6)
+    assert (out['score'] < out['map'].flatten(1).amax(1)).all()      # an average, not the peak
+
+
 def test_batch_size_invariance(run):
     model, b = run[0], batch(6)
     whole = model.predict(b)['score']
@@ -270,9 +271,25 @@ def test_exact_resume_across_stages(run, tmp_path, stage):
         assert torch.equal(v, final['psi'][k]), k
 
 
-def test_drift_monitor_stops_training(tmp_path):
+def test_drift_monitor_stops_training_and_keeps_the_distilled_at_init_model(tmp_path):
+    """The first check (step 2) stops; the checkpoint kept is ASD's start (stage 2, step 0: the
+    generator = the EMA teacher), which evaluates, not a stage-1 one with an untrained generator."""
     with pytest.raises(common.UserError, match='drifted'):
         omiad.train(tiny_cfg(tmp_path, '--drift_max', '0.5'))
+    model, ckpt = common.load(str(tmp_path / 'ckpt.pt'), omiad.Model)
+    assert (ckpt['stage'], ckpt['step']) == (2, 0) and model.cfg['distilled']
+    assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in model.generator.state_dict().items())
+    assert torch.isfinite(model.predict(batch(2))['score']).all()
+
+
+def test_a_stage_1_checkpoint_scores_only_the_teacher(run):
+    """Saved mid-AMDM, the generator is untrained: predict refuses it instead of scoring noise."""
+    stage1 = next(p for p in run[2] if p.endswith('.stage1_step2'))
+    model, _ = common.load(stage1, omiad.Model)
+    with pytest.raises(common.UserError, match='saved in stage 1'):
+        model.predict(batch(2))
+    model, _ = common.load(stage1, omiad.Model, overrides={'use_teacher': True})
+    assert torch.isfinite(model.predict(batch(2))['score']).all()
 
 
 def test_cli_errors(tmp_path):
@@ -283,3 +300,11 @@ def test_cli_errors(tmp_path):
     ckpt = dict(method='omiad', config=dict(omiad.config), model={})
     with pytest.raises(common.UserError, match='cannot change without retraining'):
         common.load('ckpt.pt', omiad.Model, overrides={'ch': 8}, ckpt=ckpt)   # only INFER_KEYS may
+    for overrides, message in (({'t_init': 1000}, '--t_init must lie in 0..999'),
+                               ({'teacher_steps': 0}, 'teacher_steps in 1..t_init'),
+                               ({'use_teacher': True, 'teacher_steps': 500}, r'got 400 and 500')):
+        with pytest.raises(common.UserError, match=message):     # inference keys, checked at every load
+            omiad.Model(dict(tiny_cfg(tmp_path), **overrides))
+    for flags in (['--ch', '48'], ['--feat_size', '6']):
+        with pytest.raises(common.UserError, match='multiple of 32'):
+            omiad.train(tiny_cfg(tmp_path, *flags))
