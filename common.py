@@ -15,6 +15,7 @@ import difflib
 import functools
 import glob
 import hashlib
+import json
 import os
 import random
 import re
@@ -74,7 +75,7 @@ BASE_CONFIG = dict(
 METHODS = ('diffusionad', 'inversion_ad', 'omiad', 'decodiff', 'lasb')
 RUNTIME_KEYS = ('device', 'data_root', 'batch_size', 'heatmaps', 'num_workers', 'out_dir', 'dtype')
 # what a resumed run takes from this command line even when not typed (see resume())
-RESUME_KEYS = ('device', 'out_dir', 'train', 'eval', 'resume', 'cli_keys')
+RESUME_KEYS = ('device', 'out_dir', 'train', 'eval', 'resume')
 
 
 def _comments(path):
@@ -167,6 +168,10 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
     cfg['device'] = pick_device(cfg['device'])
     if cfg['dtype'] not in ('float32', 'bfloat16'):
         raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
+    if cfg['batch_size'] < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {cfg['batch_size']})")
+    if cfg['dtd_root']:
+        _dtd_files(cfg['dtd_root'])      # a wrong folder fails now, not after a first training stage
     if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '
                         'or pass --device cpu to run it anyway')
@@ -181,6 +186,12 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
 
 def pick_device(name='auto'):
     if name != 'auto':
+        try:
+            kind = torch.device(name).type
+        except RuntimeError:
+            raise UserError(f'--device {name!r}: use auto, cpu, cuda, cuda:N or mps')
+        if kind == 'cuda' and not torch.cuda.is_available() or kind == 'mps' and not torch.backends.mps.is_available():
+            raise UserError(f'--device {name}: no such device here (CUDA: {torch.cuda.is_available()}); use --device cpu')
         return name
     if torch.cuda.is_available():
         return 'cuda'
@@ -293,32 +304,48 @@ def run(cfg, train, Model):
         results = []
         for cat in cats:
             c = dict(cfg, category=cat, out_dir=os.path.join(cfg['out_dir'], cat)) if each else cfg
-            trained_with, path = None, os.path.join(c['out_dir'], 'ckpt.pt')
-            if c['eval'] and not c['train']:
-                ckpt = read_checkpoint(path)
+            trained_with, path, done = None, os.path.join(c['out_dir'], 'ckpt.pt'), None
+            if each and c['resume'] and not c['eval']:
+                c, done = _resume_each(c, cfg['out_dir'], cats)
+            if done is None and c['eval'] and not c['train']:
+                model, ckpt = load(path, Model, device=c['device'])
                 changed = {k: c[k] for k in Model.INFER_KEYS   # the ones typed, not the defaults
                            if k in c.get('cli_keys', ()) and c[k] != ckpt['config'].get(k)}
                 if changed:           # never evaluate other keys silently, nor into the run's results
                     trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
                     raise UserError(f'--eval evaluates {path} as trained ({trained}); for other inference keys '
                                     'run: python eval.py ' + path + ''.join(f' --{k} {v}' for k, v in changed.items()))
-                model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
-            else:
-                if c['resume'] and each and not os.path.isfile(path):   # not reached before the kill
-                    print0(f'{cat}: no checkpoint at {path}, training it from the start')
-                    c = dict(c, resume=False)
+            elif done is None:
                 model, seconds = train(c)
-            if rank == 0:
+            if rank == 0 and done is None:
                 typed = set(c.get('cli_keys', ())) | set(RESUME_KEYS)    # else as trained (data_root, ...)
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in typed}), 'test')
-                results.append(evaluate(model, test, c['out_dir'], c['heatmaps'], seconds,
-                                        train_versions=trained_with))
+                done = evaluate(model, test, c['out_dir'], c['heatmaps'], seconds, train_versions=trained_with)
             if each and rank == 0:   # rewritten after every category: a killed run shows what is missing
+                results.append(done)
                 summarize_each(cfg['out_dir'], results, quiet=cat != cats[-1])
             barrier()
     finally:
         dist_teardown()
+
+
+def _resume_each(c, root, cats):
+    """--resume of a killed 'each' run, for one category: (c, results) if it had finished (kept as
+    evaluated), else (c, None) to train: from its checkpoint, or, not reached before the kill, from
+    the start with the options the run was started with (a sibling checkpoint's cli_keys) and the
+    ones typed now."""
+    if os.path.isfile(os.path.join(c['out_dir'], 'results.json')):
+        print0(f"{c['category']}: finished before the kill; kept as it was")
+        return c, json.load(open(os.path.join(c['out_dir'], 'results.json')))
+    siblings = [p for p in (os.path.join(root, k, 'ckpt.pt') for k in cats) if os.path.isfile(p)]
+    if os.path.isfile(os.path.join(c['out_dir'], 'ckpt.pt')) or not siblings:
+        return c, None
+    saved = read_checkpoint(siblings[0], mmap=True)['config']
+    first = {k: saved[k] for k in saved.get('cli_keys', ()) if k not in RESUME_KEYS + ('category',)}
+    typed = {k: c[k] for k in c.get('cli_keys', ()) if k != 'category'}
+    print0(f"{c['category']}: not reached before the kill; training it from the start")
+    return {**c, **first, **typed, 'resume': False, 'cli_keys': tuple({**first, **typed})}, None
 
 # -----------------------------------------------------------------------------
 # checkpoints: one dict, written atomically, read with weights_only=True
@@ -348,12 +375,14 @@ def save(path, model, **state):
             os.remove(tmp)
 
 
-def read_checkpoint(path):
-    """The checkpoint dict, or a one-line error for a missing, truncated, pickled or foreign file."""
+def read_checkpoint(path, mmap=False):
+    """The checkpoint dict, or a one-line error for a missing, truncated, pickled or foreign file.
+    A run folder stands for its ckpt.pt; mmap=True reads tensors lazily (to look at the config)."""
+    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise UserError(f'no checkpoint at {path}: train first (--train), or check --out_dir')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError here
         if 'Unsupported global' in str(e):
             raise UserError(f'{path} holds Python objects, not a checkpoint of this project; '
@@ -388,7 +417,12 @@ def resume(cfg, Model):
     for key in sorted(given - set(RESUME_KEYS)):
         if key in saved and saved[key] != cfg[key]:
             print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
-    model = _restore(path, Model, {**saved, **{k: cfg[k] for k in given if k in cfg}}, ckpt)
+    typed = tuple(dict.fromkeys((*saved.get('cli_keys', ()), *cfg.get('cli_keys', ()))))   # over the run's life
+    try:
+        model = _restore(path, Model, {**saved, **{k: cfg[k] for k in given if k in cfg}, 'cli_keys': typed}, ckpt)
+    except UserError as e:
+        changed = [f'--{k}' for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
+        raise UserError(f"{' '.join(changed)} changed the network, which cannot change on --resume" if changed else e)
     print0(f"resuming {path} at step {ckpt['step']}" + (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
     return model.to(cfg['device']), ckpt
 
@@ -1046,6 +1080,8 @@ METRICS = ('image_auroc', 'image_ap', 'image_f1max', 'pixel_auroc', 'pixel_ap', 
 def compute_metrics(labels, scores, masks=None, maps=None):
     """The seven metrics and mAD (their mean; NaN if any is undefined), as fractions."""
     out = image_metrics(labels, scores)
+    if masks is None:
+        warnings.warn('no ground-truth masks: the pixel metrics, AUPRO and mAD are NaN')
     out.update(pixel_metrics(masks, maps) if masks is not None else
                dict(pixel_auroc=np.nan, pixel_ap=np.nan, pixel_f1max=np.nan, aupro=np.nan))
     out['mad'] = float(np.mean([out[k] for k in METRICS]))

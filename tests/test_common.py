@@ -57,7 +57,10 @@ def test_config_forms_types_and_presets(capsys):
     (['train'], "unexpected argument 'train'"),
     (['--preset', 'huge'], "unknown preset 'huge'"),
     (['--dtype', 'float16'], "--dtype must be float32 or bfloat16 (got 'float16')"),
-])
+    (['--batch_size', '0'], '--batch_size must be at least 1'),
+    (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),
+    (['--device', 'gpu'], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
+] + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda: no such device here')]))
 def test_config_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
         cfg_of(*argv)
@@ -179,6 +182,9 @@ def test_folder_without_masks_gives_image_metrics_only(tmp_path):
     assert not test.has_masks['bottle'] and test.masks.sum() == 0
     with pytest.raises(UserError, match='no ground_truth folder'):     # MVTec itself needs masks
         common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')
+    with pytest.warns(UserWarning, match='no ground-truth masks: the pixel metrics, AUPRO and mAD are NaN'):
+        m = common.compute_metrics(test.labels.numpy(), np.arange(len(test), dtype=float))
+    assert np.isnan(m['pixel_auroc']) and np.isnan(m['mad']) and not np.isnan(m['image_auroc'])
 
 
 def test_btad_loader(tmp_path):

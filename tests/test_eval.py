@@ -97,17 +97,25 @@ def test_resume_keeps_the_saved_config_and_the_keys_given(tmp_path, capsys):
     assert_same_checkpoints(straight, cut)
     r = json.load(open(os.path.join(cut, 'results.json')))
     assert (r['config']['lr'], r['category']) == (0.05, 'weave')
+    with pytest.raises(UserError, match='--width changed the network, which cannot change on --resume'):
+        toy_method.main(['--out_dir', cut, '--width', '8', '--resume'])
+    assert E.main([cut])['config']['lr'] == 0.05                       # eval.py takes a run folder too
 
 
-def test_each_resumes_its_killed_category_and_trains_the_rest(tmp_path):
-    """A killed --category each run has checkpoints for the first categories only: --resume
-    continues those and trains the others from the start (it used to stop at the first missing one)."""
-    straight = toy(tmp_path / 'a', '--category', 'each', '--steps', '4')
+def test_each_resumes_its_killed_category_and_trains_the_rest(tmp_path, capsys):
+    """A killed --category each run has a checkpoint for its first category only (no results.json):
+    --resume continues it and trains the others from the start with the options the run was started
+    with (lr 0.05, not typed again), ending as the uninterrupted run; a finished category is kept."""
+    straight = toy(tmp_path / 'a', '--category', 'each', '--steps', '4', '--lr', '0.05')
     cut = str(tmp_path / 'b' / 'run')
-    toy_method.main(['--out_dir', os.path.join(cut, 'weave'), '--category', 'weave', '--steps', '2'])
+    toy_method.main(['--out_dir', os.path.join(cut, 'weave'), '--category', 'weave', '--steps', '2', '--lr', '0.05'])
+    os.remove(os.path.join(cut, 'weave', 'results.json'))             # killed before its evaluation
     toy_method.main(['--out_dir', cut, '--category', 'each', '--steps', '4', '--resume'])
     for cat in common.SYNTHETIC:
         assert_same_checkpoints(os.path.join(straight, cat), os.path.join(cut, cat))
+    capsys.readouterr()
+    toy_method.main(['--out_dir', cut, '--category', 'each', '--resume'])
+    assert capsys.readouterr().out.count('finished before the kill; kept as it was') == 4
 
 
 def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
