@@ -433,7 +433,7 @@ def main(argv=None):
             raise UserError('--category needs a value')
         category = argv[i] if i else next((a.split('=', 1)[1] for a in argv if a.startswith('--category=')), '')
         rest = [a for j, a in enumerate(argv[1:], 1) if j != i and not a.startswith('--category')]
-        if len(rest) < 2:
+        if not 2 <= len(rest) <= 3 or any(a.startswith('--') for a in rest):   # no other options here
             raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png] [--category NAME]')
         return predict(*rest[:3], category=category)
     elif argv[0] == '--bench':

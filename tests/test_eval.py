@@ -159,6 +159,8 @@ def test_predict_on_a_multi_class_model_needs_the_category(tmp_path):
         E.main(['--predict', ckpt, str(img), '--category'])
     with pytest.raises(UserError, match="not 'screw'"):
         E.main(['--predict', ckpt, str(img), '--category', 'screw'])
+    with pytest.raises(UserError, match=r'usage: python eval.py --predict CKPT IMAGE \[OUT.png\]'):
+        E.main(['--predict', ckpt, str(img), '--category', 'grain', '--noise', '0.1'])   # not an output name
     assert np.isfinite(E.main(['--predict', ckpt, str(img), str(tmp_path / 'h.png'), '--category', 'grain'])[0])
 
 
