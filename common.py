@@ -398,6 +398,10 @@ def load(path, Model, overrides=None, device='cpu', ckpt=None):
     """(model in eval mode, ckpt) from a checkpoint of this Model. overrides may change INFER_KEYS and
     run-time keys (device, data_root, ...) only; anything else would need retraining."""
     ckpt = ckpt or read_checkpoint(path)
+    final = getattr(Model, 'FINAL_STAGE', None)      # two-stage methods: the stage whose nets score
+    if final is not None and ckpt.get('stage', final) != final:
+        raise UserError(f"{path} was saved in stage {ckpt['stage']} of training, before the networks that "
+                        'score were trained: finish the run with --resume')
     for key in overrides or {}:
         if key not in tuple(Model.INFER_KEYS) + RUNTIME_KEYS:
             raise UserError(f'--{key} cannot change without retraining; inference keys of '

@@ -524,6 +524,7 @@ def autoencoder_loss(model, batch, gen, cfg):
 
 class Model(nn.Module):
     INFER_KEYS = ('S', 'strategy', 'gamma_p', 'gamma_l', 'sigma_pix', 'sigma_lat')
+    FINAL_STAGE = 'diffusion'   # common.load refuses 'ae' checkpoints: the corrector is not trained yet
     SCORE_RULE = 'max of the Eq. 15 map: sqrt(clipped pixel discrepancy x clipped latent discrepancy)'
 
     def __init__(self, cfg):

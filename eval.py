@@ -255,8 +255,7 @@ def compare(root):
     """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each
     setting: method, data, category, preset and a digest of the config (but per-run and run-time
     keys) and protocol, shown when a preset has several. 'each' members fold into their summary."""
-    runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'distilled', 'backbone_source',
-                                                                     'backbone_record')
+    runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'backbone_source', 'backbone_record')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
         if os.path.isfile(parent) and json.load(open(parent)).get('category') == 'each':

@@ -450,6 +450,7 @@ def image_score(amap, kernel, times):
 
 class Model(nn.Module):
     INFER_KEYS = ('nfe', 'n_samples', 'pixel_weight', 'sigma', 'score_pool')
+    FINAL_STAGE = 2         # common.load refuses stage-1 checkpoints: the bridge is not trained yet
     SCORE_RULE = 'max of the blurred map after score_pool[1] x stride-1 avg_pool2d(score_pool[0]) (DiAD)'
 
     def __init__(self, cfg):

@@ -368,6 +368,7 @@ class Pixels(nn.Module):
 
 class Model(nn.Module):
     INFER_KEYS = ('use_teacher', 'teacher_steps', 'score_kernel', 't_init')
+    FINAL_STAGE = 2         # common.load refuses stage-1 checkpoints: the generator is not distilled yet
     SCORE_RULE = 'max of the avg-pooled (16 px at 224) map; map = sum_c (x0 - x0_hat)^2 upsampled'
 
     def __init__(self, cfg):
@@ -444,9 +445,6 @@ class Model(nn.Module):
     def predict(self, batch):
         """Algorithm 2: features, noise at t_init (per-sample seeded), one generator step, map."""
         image, cfg = batch['image'], self.cfg
-        if not cfg.get('distilled', True) and not cfg['use_teacher']:
-            raise common.UserError('this checkpoint was saved in stage 1: the generator is not distilled yet; '
-                                   'finish the run with --resume, or score the teacher with --use_teacher')
         x0 = self.features(image)
         eps = common.sample_noise(x0.shape[1:], cfg['seed'], batch['path'], x0.device)
         if cfg['use_teacher']:
@@ -562,7 +560,6 @@ def train_amdm(model, cfg, data, x0, state, clock):
     model.teacher.load_state_dict(ema.state_dict())                  # phi = the EMA teacher
     model.teacher.requires_grad_(False)
     model.generator.load_state_dict(ema.state_dict())                # Alg. 1 line 2: theta <- phi
-    model.cfg['distilled'] = True                                    # predict() refuses stage-1 weights
 
 
 @torch.no_grad()
@@ -720,7 +717,7 @@ def train(cfg):
     if cfg['resume']:                       # the checkpoint's config, see common.resume
         model, state = common.resume(cfg, Model)
     else:
-        model = Model(dict(cfg, distilled=False)).to(cfg['device'])   # True once theta <- phi
+        model = Model(dict(cfg)).to(cfg['device'])
     cfg = model.cfg
     data = common.load_dataset(cfg, 'train')
     if state is None:

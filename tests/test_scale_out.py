@@ -128,7 +128,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(method, tmp_path, mon
     ckpt = common.read_checkpoint(str(tmp_path / 'ckpt.pt'))
     assert ckpt['step'] == 2                                 # written after step 2, before the NaN
     assert all(torch.isfinite(v).all() for k, v in ckpt['model'].items() if v.is_floating_point() and k != 'val_stats')
-    load_and_predict(method, str(tmp_path / 'ckpt.pt'), finished=False)
+    if ckpt.get('stage', 2) in (1, 'ae'):       # the scoring networks are not trained yet: refused
+        with pytest.raises(common.UserError, match='finish the run with --resume'):
+            load_and_predict(method, str(tmp_path / 'ckpt.pt'))
+    else:
+        load_and_predict(method, str(tmp_path / 'ckpt.pt'), finished=False)
 
 
 def test_a_nan_on_one_rank_stops_both_ranks(tmp_path):
