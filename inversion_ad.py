@@ -447,7 +447,8 @@ def prepare_backbone(model, train_set, cfg):
     the weight-free pixels backbone needs neither. The record is kept in cfg (so in the checkpoint)."""
     if cfg['backbone'] == 'pixels':
         if cfg['backbone_weights']:
-            common.print0("note: --backbone pixels has no weights; --backbone_weights is unused")
+            raise UserError('--backbone pixels (the tiny preset\'s) has no weights: add --backbone efficientnet_b4 '
+                            'to use --backbone_weights, or drop it')
         record = dict(id='pixels', file='weight-free 4x4 space-to-depth, per-image standardised', sha256='')
     elif cfg['backbone_weights']:
         record = common.load_pretrained(model.backbone, EFFICIENTNET, cfg['backbone_weights'])

@@ -699,7 +699,8 @@ def check_config(cfg):
     if cfg['backbone'] not in ('efficientnet_b4', 'pixels'):
         raise common.UserError(f"--backbone must be efficientnet_b4 or pixels, not {cfg['backbone']!r}")
     if cfg['backbone'] == 'pixels' and cfg['backbone_weights']:
-        raise common.UserError('--backbone pixels has no weights; drop --backbone_weights')
+        raise common.UserError("--backbone pixels (the tiny preset's) has no weights: add --backbone "
+                               'efficientnet_b4 to use --backbone_weights, or drop it')
     if cfg['mask'] not in ('spatial', 'element'):
         raise common.UserError(f"--mask must be spatial or element, not {cfg['mask']!r}")
     if not 0 <= cfg['t_max'] < cfg['T']:

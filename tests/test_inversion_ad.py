@@ -240,3 +240,5 @@ def test_cli_errors(tmp_path):
             ia.Model(tiny_cfg(tmp_path, *flags))
     with pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):
         ia.train(tiny_cfg(tmp_path, '--warmup_epochs', '1'))
+    with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):
+        ia.train(tiny_cfg(tmp_path, '--backbone_weights', 'timm'))   # not silently ignored

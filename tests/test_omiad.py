@@ -306,3 +306,5 @@ def test_cli_errors(tmp_path):
     for flags in (['--ch', '48'], ['--feat_size', '6']):
         with pytest.raises(common.UserError, match='multiple of 32'):
             omiad.train(tiny_cfg(tmp_path, *flags))
+    with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):
+        omiad.train(tiny_cfg(tmp_path, '--backbone_weights', 'timm'))
