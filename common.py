@@ -57,7 +57,7 @@ BASE_CONFIG = dict(
     seed=0,                 # seeds init, data order, training noise, test noise and the validation split
     device='auto',          # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype='float32',        # float32 | bfloat16 (autocast on CUDA; TF32 is always allowed there)
-    compile=False,          # torch.compile the networks (GPU only; the first steps are slow)
+    compile=False,          # torch.compile the networks (meant for GPUs; the first steps are slow)
     batch_size=16,          # global training batch size, split over DDP ranks
     image_size=256,         # network input size in pixels (images are resized, not cropped)
     eval_size=0,            # size of maps and masks for the metrics; 0 = 128 on synthetic, 256 otherwise
