@@ -190,8 +190,9 @@ def pick_device(name='auto'):
             kind = torch.device(name).type
         except RuntimeError:
             raise UserError(f'--device {name!r}: use auto, cpu, cuda, cuda:N or mps')
-        if kind == 'cuda' and not torch.cuda.is_available() or kind == 'mps' and not torch.backends.mps.is_available():
-            raise UserError(f'--device {name}: no such device here (CUDA: {torch.cuda.is_available()}); use --device cpu')
+        available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available()).get(kind, True)
+        if not available:
+            raise UserError(f'--device {name}: no {kind} device here; use --device cpu')
         return name
     if torch.cuda.is_available():
         return 'cuda'

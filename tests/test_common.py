@@ -60,7 +60,7 @@ def test_config_forms_types_and_presets(capsys):
     (['--batch_size', '0'], '--batch_size must be at least 1'),
     (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),
     (['--device', 'gpu'], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
-] + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda: no such device here')]))
+] + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda: no cuda device here; use --device cpu')]))
 def test_config_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
         cfg_of(*argv)
