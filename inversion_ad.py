@@ -41,32 +41,24 @@ Deviations and assumptions:
 - backbone of the tiny preset (the offline default), --backbone pixels: no pretrained weights exist
   offline, and random EfficientNet features carry too little of the low-level colour/intensity
   information the synthetic defects need (kNN memory-bank probes, image/pixel AUROC: random B4
-  stages 1-4 on an 8x8 grid 69.2/76.0, stages 1-2 on 32x32 75.6/87.0; pixels 82.8/92.8; round 1 of
-  this file with random B4 scored 49.1/58.8). So z0 is the image resized to 4g, 4x4 space-to-depth
-  (48 channels on a g x g grid), each channel standardised over the positions of its own image (raw
-  pixels vary by only 0.25-0.6 std inside an image, weak against unit diffusion noise). The
-  diffusion, inversion and scores are the paper's, unchanged, on these features;
+  stages 1-4 on an 8x8 grid 69.2/76.0, stages 1-2 on 32x32 75.6/87.0; pixels 82.8/92.8). So z0 is
+  the image resized to 4g, 4x4 space-to-depth (48 channels on a g x g grid), each channel
+  standardised over the positions of its own image (raw pixels vary by only 0.25-0.6 std inside an
+  image, weak against unit diffusion noise). The diffusion, inversion and scores are the paper's;
 - no checkpoint selection on the test set (the paper reports best-test-AUROC checkpoints, and
   "Ours*" tunes S per class on the test set): the last checkpoint is evaluated;
-- tiny preset (CPU), how each value was chosen: grid 32 (the best pixel probe above, stride 4 at
-  128 px); U-Net width 64 at all three levels (32/16/8, attention at 8x8), 1 ResBlock per level
-  (1.6 M), 32 epochs = 1152 steps at lr 1e-3, batch 16 (what the 10-minute budget allows); one
-  multi-class model. The width must be at least the 48 feature channels: the input enters and eps
-  leaves through 3x3 convolutions of width w (the top level), so over a g x g grid the net's eps
-  spans at most w g^2 of the 48 g^2 dimensions, and at large t, where eps ~ x_t, its loss cannot
-  fall below 1 - w/48 (the first tiny preset, width 32, stalled at 0.42; width 64 reaches 0.08).
-  The official paper-scale net has the same property, mildly (256 channels on 272 features, a
-  floor of 6%); the paper preset keeps it.
-  Validation proxy (val-split normals + 2 Perlin-anomalous copies each, common.perlin_anomaly;
-  image / pixel AUROC, seed 0): width 32, S = 10: 24 epochs 94.0 / 87.7, 48 epochs 95.2 / 88.8;
-  width 64, 32 epochs: S = 2 97.3 / 90.9, S = 5 96.4 / 91.4, S = 10 96.8 / 90.7, so S = 2, the
-  paper's default. (The width-32 net could not act as the identity at t = 999, so its two-step
-  latent was mostly its own error, and S = 2 lost there: 78.3 / 75.8 against 95.1 / 88.1 at
-  S = 10, and 49.4 / 50.2 on the test set in a first run on unstandardised pixels.) Its numbers
-  measure the pipeline on pixels at CPU scale, not the paper's setting: the default run scores
-  69.0 image / 84.5 pixel mean AUROC (seeds 0-2: 66.2 / 81.8; width 32 at S = 10 gave 75.4 / 76.9;
-  baselines 62.2 / 82.8 at best). The NLL term of the image score ranks this benchmark's anomalous
-  images near chance (NLL alone 57.2 at seed 0, the norm map's spread alone 79.0).
+- tiny preset (CPU), every value chosen on the validation proxy (val-split normals + 2
+  Perlin-anomalous copies each), none on the test set: grid 32 (stride 4 at 128 px); U-Net width
+  64 at all three levels (32/16/8, attention at 8x8), 1 ResBlock per level (1.6 M); 32 epochs =
+  1152 steps at lr 1e-3, batch 16 (what the 10-minute budget allows); S = 2, the paper's default
+  (S = 5 and 10 within a point on the proxy); one multi-class model. The width must be at least
+  the 48 feature channels: the input enters and eps leaves through 3x3 convolutions of width w
+  (the top level), so over a g x g grid the net's eps spans at most w g^2 of the 48 g^2
+  dimensions, and at large t, where eps ~ x_t, its loss cannot fall below 1 - w/48 (width 32
+  stalled at 0.42; width 64 reaches 0.08). The paper-scale net has the same property, mildly (256
+  channels on 272 features, a floor of 6%); the paper preset keeps it. The default run scores
+  69.0 image / 84.5 pixel mean AUROC (seeds 0-2: 66.2 / 81.8; the README has the measurements):
+  the pipeline on pixels at CPU scale, not the paper's setting.
 
 $ python inversion_ad.py                                              # tiny, synthetic, CPU minutes
 $ python inversion_ad.py --data mvtec --train --backbone_weights timm # paper preset, per category
