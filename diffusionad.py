@@ -350,6 +350,10 @@ class Model(nn.Module):
                                    f"(got {cfg['t_s']} and {cfg['t_b']})")
         if cfg['input_range'] not in ('01', 'pm1'):
             raise common.UserError(f"--input_range must be 01 or pm1 (got {cfg['input_range']!r})")
+        f = 2 ** max(len(cfg['unet_mults']) - 1, cfg['seg_levels'] - 1)    # the deepest downsampling
+        if cfg['image_size'] % f:
+            raise common.UserError(f"--image_size {cfg['image_size']} must be divisible by {f} (the U-Net's "
+                                   'and the segmentation net\'s halvings)')
         if len(cfg['betas']) != 2 or len(cfg['beta']) != 2:
             raise common.UserError(f"--betas and --beta take two values, e.g. --beta 0.2,0.8 (got "
                                    f"{cfg['betas']} and {cfg['beta']})")

@@ -459,6 +459,10 @@ class Model(nn.Module):
             raise common.UserError(f"--latent must be prequant or quant, got {cfg['latent']!r}")
         if not 1 <= cfg['nfe'] < cfg['T'] or cfg['n_samples'] < 1:
             raise common.UserError(f"--nfe must be in 1..{cfg['T'] - 1} and --n_samples >= 1")
+        f = 2 ** (len(cfg['ae_mult']) - 1 + len(cfg['ch_mult']) - 1)   # autoencoder, then bridge U-Net
+        if cfg['image_size'] % f:
+            raise common.UserError(f"--image_size {cfg['image_size']} must be divisible by {f} (the autoencoder's "
+                                   "and the bridge U-Net's halvings)")
         if len(cfg['score_pool']) != 2 or len(cfg['anomaly_beta']) != 2:
             raise common.UserError(f"--score_pool and --anomaly_beta take two values, e.g. --score_pool 8,8 "
                                    f"(got {cfg['score_pool']} and {cfg['anomaly_beta']})")
