@@ -78,6 +78,12 @@ RUNTIME_KEYS = ('device', 'data_root', 'batch_size', 'heatmaps', 'num_workers', 
 RESUME_KEYS = ('device', 'out_dir', 'train', 'eval', 'resume')
 
 
+def _given(cfg):
+    """The keys this command line decides: those typed (cli_keys) and RESUME_KEYS; the others
+    come from a checkpoint when there is one."""
+    return set(cfg.get('cli_keys', ())) | set(RESUME_KEYS)
+
+
 def _comments(path):
     """key -> the comment after `key=value,  # comment` (or `'key': value,  # ...`) in a file."""
     out = {}
@@ -319,9 +325,8 @@ def run(cfg, train, Model):
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:
                 model, seconds = train(c)
-            if rank == 0 and done is None:
-                typed = set(c.get('cli_keys', ())) | set(RESUME_KEYS)    # else as trained (data_root, ...)
-                test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in typed}), 'test')
+            if rank == 0 and done is None:                           # data_root etc. as trained unless typed
+                test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')
                 done = evaluate(model, test, c['out_dir'], c['heatmaps'], seconds, train_versions=trained_with)
             if each and rank == 0:   # rewritten after every category: a killed run shows what is missing
                 results.append(done)
@@ -336,11 +341,12 @@ def _resume_each(c, root, cats):
     evaluated), else (c, None) to train: from its checkpoint, or, not reached before the kill, from
     the start with the options the run was started with (a sibling checkpoint's cli_keys) and the
     ones typed now."""
-    if os.path.isfile(os.path.join(c['out_dir'], 'results.json')):
+    done = os.path.join(c['out_dir'], 'results.json')
+    if os.path.isfile(done):
         print0(f"{c['category']}: finished before the kill; kept as it was")
-        return c, json.load(open(os.path.join(c['out_dir'], 'results.json')))
+        return c, json.load(open(done))
     siblings = [p for p in (os.path.join(root, k, 'ckpt.pt') for k in cats) if os.path.isfile(p)]
-    if os.path.isfile(os.path.join(c['out_dir'], 'ckpt.pt')) or not siblings:
+    if os.path.join(c['out_dir'], 'ckpt.pt') in siblings or not siblings:      # killed in it, or none yet
         return c, None
     saved = read_checkpoint(siblings[0], mmap=True)['config']
     first = {k: saved[k] for k in saved.get('cli_keys', ()) if k not in RESUME_KEYS + ('category',)}
@@ -418,18 +424,18 @@ def resume(cfg, Model):
     picked here and the out_dir the checkpoint was found in (RESUME_KEYS) always apply."""
     path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     ckpt = read_checkpoint(path)
-    saved, given = ckpt['config'], set(cfg.get('cli_keys', ())) | set(RESUME_KEYS)
-    for key in sorted(given - set(RESUME_KEYS)):
-        if key in saved and saved[key] != cfg[key]:
-            print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
+    saved, given = ckpt['config'], _given(cfg)
+    changed = [k for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
+    for key in changed:
+        print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
     typed = tuple(dict.fromkeys((*saved.get('cli_keys', ()), *cfg.get('cli_keys', ()))))   # over the run's life
     try:
         model = _restore(path, Model, {**saved, **{k: cfg[k] for k in given if k in cfg}, 'cli_keys': typed}, ckpt)
     except UserError as e:
-        changed = [f'--{k}' for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
-        raise UserError(f"{' '.join(changed)} changed the network, which cannot change on --resume" if changed else e)
+        raise UserError(f"{' '.join('--' + k for k in changed)} changed the network, which cannot change on "
+                        '--resume' if changed else e)
     print0(f"resuming {path} at step {ckpt['step']}" + (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
-    return model.to(cfg['device']), ckpt
+    return model, ckpt
 
 
 def _restore(path, Model, cfg, ckpt):

@@ -521,7 +521,8 @@ def train(cfg):
     cfg = model.cfg                            # the checkpoint's, when resuming
     data = common.load_dataset(cfg, 'train')
     steps = cfg['steps'] or cfg['epochs'] * (len(data) // cfg['batch_size'])
-    batches = common.train_batches(data, cfg, step, functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))
+    batches = common.train_batches(data, cfg, step,
+                                   functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))
     net = torch.compile(model) if cfg['compile'] else model   # shares the weights of model
     ckpt_path, rank = os.path.join(cfg['out_dir'], 'ckpt.pt'), common.rank_world()[0]
     model.train()
