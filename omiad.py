@@ -367,6 +367,8 @@ class Model(nn.Module):
         else:                                                         # built here, weights set by train()
             self.backbone = timm.create_model(BACKBONE.split('.')[0], pretrained=False, features_only=True,
                                               out_indices=(0, 1, 2, 3)).eval().requires_grad_(False)
+            self.backbone.blocks = self.backbone.blocks[:5]           # stage 4 ends at block 4: timm
+            # would still run the stride-32 blocks 5-6 (13.1 of 16.7 M parameters) and discard them
             C = sum(self.backbone.feature_info.channels())            # 24 + 32 + 56 + 160 = 272
         width = cfg['ch'] * cfg['ch_mult'][0]                        # of the top level, the output's input
         if width < C:

@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 import common
@@ -91,6 +92,11 @@ def test_bn_recalibration_gives_nondegenerate_features():
     for a, b in zip(stage[:-1], stage[1:]):                                   # every stage, incl. stride 16
         assert after[:, a:b].std() > 0.1 and torch.isfinite(after).all()
     assert before[:, 112:].std() < 0.01                                       # random init: features vanish
+    full = timm.create_model(ia.EFFICIENTNET, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3))
+    missing, _ = full.load_state_dict(model.backbone.state_dict(), strict=False)
+    assert {k.split('.')[1] for k in missing} == {'5', '6'}                    # only the unused blocks dropped
+    for a, b in zip(full.eval()(model.normalise(x)), model.backbone(model.normalise(x))):
+        assert torch.equal(a, b)                                              # same features as timm's B4
 
 
 def test_pixels_backbone_features():

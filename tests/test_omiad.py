@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -163,6 +164,11 @@ def test_random_efficientnet_is_bn_recalibrated_and_saved(tmp_path):
     x0 = model.features(data.images[:8].float() / 255)
     assert x0.shape == (8, 272, 4, 4) and 0.5 < x0[:, :24].std() < 2     # stage 1: unit scale
     assert any(k.startswith('backbone.') and k.endswith('running_var') for k in model.state_dict())
+    full = timm.create_model('tf_efficientnet_b4', pretrained=False, features_only=True, out_indices=(0, 1, 2, 3))
+    missing, _ = full.load_state_dict(model.backbone.state_dict(), strict=False)
+    assert {k.split('.')[1] for k in missing} == {'5', '6'}                  # only the unused blocks dropped
+    x = (data.images[:2].float() / 255 - model.pixel_mean) / model.pixel_std
+    assert all(torch.equal(a, b) for a, b in zip(full.eval()(x), model.backbone(x)))   # timm's B4 features
 
 
 def test_amdm_loss_decreases_on_a_fixed_batch(tmp_path):
