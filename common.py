@@ -409,6 +409,9 @@ def load(path, Model, overrides=None, device='cpu', ckpt=None):
     if final is not None and ckpt.get('stage', final) != final:
         raise UserError(f"{path} was saved in stage {ckpt['stage']} of training, before the networks that "
                         'score were trained: finish the run with --resume')
+    if ckpt.get('final') is False:   # saved mid-run (checkpoints older than this key say nothing)
+        warnings.warn(f"{path} was saved at step {ckpt.get('step')}, before training ended: its numbers are "
+                      "those of an unfinished model (finish the run with --resume)")
     for key in overrides or {}:
         if key not in tuple(Model.INFER_KEYS) + RUNTIME_KEYS:
             raise UserError(f'--{key} cannot change without retraining; inference keys of '

@@ -663,7 +663,7 @@ def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=
             t_log, step_log = time.time(), step
         if step % cfg['ckpt_interval'] == 0 or step == steps:
             common.save(run['path'], model, opt=opt.state_dict(), step=step, stage=stage_name,
-                        train_seconds=elapsed())
+                        final=stage_name == model.FINAL_STAGE and step == steps, train_seconds=elapsed())
     bar.close()
 
 

@@ -543,7 +543,7 @@ def train(cfg):
         if done % cfg['ckpt_interval'] == 0 or done == steps:
             average_bn_statistics(model.seg)
             common.save(ckpt_path, model, opt_unet=opts[0].state_dict(), opt_seg=opts[1].state_dict(),
-                        step=done, train_seconds=seconds + time.time() - t0)
+                        step=done, final=done == steps, train_seconds=seconds + time.time() - t0)
     return model.eval(), seconds + time.time() - t0
 
 

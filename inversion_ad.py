@@ -505,12 +505,13 @@ def train(cfg):
                        f"{cfg['log_interval'] / (time.time() - t_log):.1f} it/s")
             t_log = time.time()
         if step % cfg['ckpt_interval'] == 0 and step < total:
-            common.save(ckpt_path, model, opt=opt.state_dict(), ema=ema.state_dict(), step=step,
+            common.save(ckpt_path, model, opt=opt.state_dict(), ema=ema.state_dict(), step=step, final=False,
                         train_seconds=seconds + time.time() - t0)
     bar.close()
     model.eval().calibrate(cache_features(model, val_set))                    # score_norm='val' statistics
     seconds += time.time() - t0
-    common.save(ckpt_path, model, opt=opt.state_dict(), ema=ema.state_dict(), step=step, train_seconds=seconds)
+    common.save(ckpt_path, model, opt=opt.state_dict(), ema=ema.state_dict(), step=step, final=True,
+                train_seconds=seconds)
     return model, seconds
 
 

@@ -593,7 +593,8 @@ def train_autoencoder(model, data, cfg, ckpt, clock):
                            f'loss {loss.item():.4f} | l1 {l1.item():.4f} | commit {commit.item():.4f} | '
                            f"codes {int((ae.vq.idle == 0).sum())}/{cfg['n_embed']} | lr {cfg['ae_lr']:.1e}")
         if (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['ae_steps']:
-            common.save(path, model, stage=1, step=step + 1, opt=opt.state_dict(), train_seconds=seconds)
+            common.save(path, model, stage=1, step=step + 1, final=False, opt=opt.state_dict(),
+                        train_seconds=seconds)
     finish_autoencoder(model, data, cfg)
 
 
@@ -670,8 +671,8 @@ def train_bridge(model, data, cfg, ckpt, clock):
         ema_update(model.unet, net, step, cfg['ema'])
         seconds = progress(cfg, 2, step + 1, cfg['steps'], clock, f'loss {loss.item():.4f} | lr {lr:.1e}')
         if (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['steps']:
-            common.save(path, model, stage=2, step=step + 1, net=net.state_dict(), opt=opt.state_dict(),
-                        train_seconds=seconds)
+            common.save(path, model, stage=2, step=step + 1, final=step + 1 == cfg['steps'], net=net.state_dict(),
+                        opt=opt.state_dict(), train_seconds=seconds)
 
 
 def train(cfg):

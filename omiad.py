@@ -542,7 +542,7 @@ def train_amdm(model, cfg, data, x0, state, clock):
                           f"lr {cfg['amdm_lr']:.1e} | {cfg['log_interval'] / (time.time() - tic):.1f} it/s")
             tic = time.time()
         if (step + 1) % cfg['ckpt_interval'] == 0 and step + 1 < cfg['amdm_steps']:
-            common.save(ckpt_path, model, stage=1, step=step + 1, opt=opt.state_dict(),
+            common.save(ckpt_path, model, stage=1, step=step + 1, final=False, opt=opt.state_dict(),
                         ema=ema.state_dict(), train_seconds=clock())
     model.teacher.load_state_dict(ema.state_dict())                  # phi = the EMA teacher
     model.teacher.requires_grad_(False)
@@ -626,8 +626,8 @@ def check_drift(model, x0_val, eps_val, ref, step):
 
 def save_asd(model, step, psi, opt_g, opt_psi, seconds):
     common.save(os.path.join(model.cfg['out_dir'], 'ckpt.pt'), model, stage=2, step=step,
-                psi=psi.state_dict(), opt_g=opt_g.state_dict(), opt_psi=opt_psi.state_dict(),
-                train_seconds=seconds)
+                final=step == model.cfg['asd_steps'], psi=psi.state_dict(), opt_g=opt_g.state_dict(),
+                opt_psi=opt_psi.state_dict(), train_seconds=seconds)
 
 
 def train_asd(model, cfg, data, x0_train, state, clock):

@@ -11,6 +11,7 @@ tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a f
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -72,9 +73,13 @@ def assert_same_weights(a, b):
 
 def load_and_predict(method, ckpt_path, finished=True):
     """The checkpoint loads into a fresh Model and scores two test images (one normal, one not);
-    a mid-run InversionAD checkpoint scores NaN (its validation statistics come at the end)."""
+    a mid-run checkpoint warns that training had not ended, and a mid-run InversionAD one scores NaN
+    (its validation statistics come at the end)."""
     module = __import__(method)
-    model, _ = common.load(ckpt_path, module.Model, device='cpu')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        model, _ = common.load(ckpt_path, module.Model, device='cpu')
+    assert any('before training ended' in str(w.message) for w in caught) == (not finished)
     test = common.load_dataset(model.cfg, 'test')
     idx = [0, len(test) - 1]
     batch = dict(image=torch.stack([test[i]['image'] for i in idx]), cls=torch.zeros(2, dtype=torch.long),
@@ -110,11 +115,13 @@ def test_killed_training_resumes_to_the_same_weights(method, tmp_path):
     straight, _ = module.train(cfg)
     killed = harness(method, tmp_path / 'dump', tmp_path / 'killed', '--kill_at', str(MICRO[method][1]))
     assert killed.returncode == -9                           # SIGKILL between checkpoints: no cleanup ran
-    assert common.read_checkpoint(str(tmp_path / 'killed' / 'ckpt.pt'))['step'] > 0   # an earlier one is intact
+    ckpt = common.read_checkpoint(str(tmp_path / 'killed' / 'ckpt.pt'))
+    assert ckpt['step'] > 0 and ckpt['final'] is False       # an earlier one is intact, marked unfinished
     cfg = micro_cfg(method, tmp_path / 'killed', '--resume')[1]
     cfg['val_frac'] = 0.3     # as if a default had changed since: the run keeps its saved config
     resumed, _ = module.train(cfg)
     assert_same_weights(straight.state_dict(), resumed.state_dict())
+    assert common.read_checkpoint(str(tmp_path / 'killed' / 'ckpt.pt'))['final'] is True
 
 
 @pytest.mark.parametrize('method', METHODS)

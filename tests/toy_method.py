@@ -63,7 +63,7 @@ def train(cfg):
         opt.step()
         step += 1
         if step % cfg['ckpt_interval'] == 0 or step == cfg['steps']:
-            common.save(ckpt_path, model, opt=opt.state_dict(), step=step,
+            common.save(ckpt_path, model, opt=opt.state_dict(), step=step, final=step == cfg['steps'],
                         train_seconds=seconds + time.time() - t0)
     return model.eval(), seconds + time.time() - t0
 
