@@ -179,6 +179,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
     if cfg['dtd_root']:
         _dtd_files(cfg['dtd_root'])      # a wrong folder fails now, not after a first training stage
     if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
+        if cfg['data'] != 'synthetic' and not (cfg['eval'] or cfg['resume']):
+            _check_root(cfg['data'], cfg['data_root'])     # needed on any device: say it first
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '
                         'or pass --device cpu to run it anyway')
     print(f'{method}: preset {preset}' + (' (auto)' if cli_args.get('preset', defaults['preset']) == 'auto' else ''))
@@ -562,6 +564,9 @@ def _list_visa_raw(root, cat, split):
 def _list(data, root, cat, split):
     if data == 'visa' and os.path.isfile(os.path.join(root, 'split_csv', '1cls.csv')):
         return _list_visa_raw(root, cat, split)
+    if data != 'folder' and not os.path.isdir(os.path.join(root, cat)):
+        raise UserError(f'{root} has no {cat} folder, so it is not {data}: {WHERE[data]}; for another '
+                        'MVTec-like dataset use --data folder')
     good = 'ok' if data == 'btad' else 'good'
     return _list_mvtec(root, cat, split, good, masks_required=data != 'folder')
 

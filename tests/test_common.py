@@ -66,11 +66,13 @@ def test_config_errors(argv, message):
         cfg_of(*argv)
 
 
-def test_paper_preset_refused_on_implicit_cpu(monkeypatch):
+def test_paper_preset_refused_on_implicit_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
     with pytest.raises(UserError, match='paper preset takes days on a CPU'):
-        cfg_of('--data', 'mvtec')
+        cfg_of('--data', 'mvtec', '--data_root', str(tmp_path))
+    with pytest.raises(UserError, match='mvtec dataset not found at .*nowhere'):   # the data error first
+        cfg_of('--data', 'mvtec', '--data_root', str(tmp_path / 'nowhere'))
     assert cfg_of('--data', 'mvtec', '--device', 'cpu')['device'] == 'cpu'   # explicit: allowed
     assert cfg_of('--data', 'mvtec', '--preset', 'tiny')['device'] == 'cpu'
 
@@ -228,6 +230,8 @@ def test_loader_errors(tmp_path):
         common.load_dataset(_cfg('folder', root, 'botle'), 'test')
     with pytest.raises(UserError, match="unknown data 'mvtech'"):
         common.load_dataset(_cfg('mvtech', root), 'test')
+    with pytest.raises(UserError, match='has no cable folder, so it is not mvtec: .*use --data folder'):
+        common.load_dataset(_cfg('mvtec', root, 'cable'), 'test')
     os.remove(root / 'bottle' / 'ground_truth' / 'crack' / '000_mask.png')
     with pytest.raises(UserError, match='image/mask mismatch: .*crack/000.png has no mask 000_mask.png'):
         common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')
