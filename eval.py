@@ -186,10 +186,8 @@ def _row(name, m):
 def print_table(r, base=None):
     print(f"\n{r['method']} | {r['data']} | {r['category']} | preset {r['preset']} | seed {r['seed']}")
     print(f"{'category':<24}" + ''.join(f'{n:>8}' for n in NAMES))
-    for cat, m in r['metrics'].items():
-        print(_row(cat, m))
-    for kind, b in (base or {}).items():
-        print(_row(f'baseline {kind} (mean)', b['metrics']['mean']))
+    print('\n'.join([_row(cat, m) for cat, m in r['metrics'].items()] +
+                    [_row(f'baseline {kind} (mean)', b['metrics']['mean']) for kind, b in (base or {}).items()]))
     if r.get('missing'):
         print(f"incomplete: missing {', '.join(r['missing'])}")
     trained = f" | trained {r['train_seconds'] / 60:.1f} min" if r['train_seconds'] == r['train_seconds'] else ''
@@ -253,8 +251,8 @@ def evaluate_checkpoint(path, argv):
 
 def compare(root):
     """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each
-    setting: method, data, category, preset and a digest of the config (but per-run and run-time
-    keys) and protocol, shown when a preset has several. 'each' members fold into their summary."""
+    setting: method, data, category, preset, the config (but per-run and run-time keys) and protocol;
+    a preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'backbone_source', 'backbone_record')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
@@ -271,8 +269,10 @@ def compare(root):
           + f"{'ms/img':>9}{'params M':>10}{'train min':>10}  NFE")
     rows = {}
     for (method, data, cat, preset, setting), rs in sorted(runs.items()):
-        if sum(k[:4] == (method, data, cat, preset) for k in runs) > 1:
-            preset += ' ' + hashlib.sha1(setting.encode()).hexdigest()[:6]     # another config
+        others = [json.loads(k[4])[0] for k in runs if k[:4] == (method, data, cat, preset) and k[4] != setting]
+        mine = json.loads(setting)[0]       # other configs of this preset: label by the keys that differ
+        diff = [f'{k}={mine[k]}' for k in sorted(mine) if any(o.get(k) != mine[k] for o in others)]
+        preset += (' ' + (' '.join(diff) or hashlib.sha1(setting.encode()).hexdigest()[:6])) if others else ''
         rows[method, data, cat, preset] = rs
         m = np.array([[r['metrics']['mean'][k] for k in METRICS + ('mad',)] for r in rs]) * 100
         cells = ''.join(f'{a:7.1f}+-{s:<4.1f}' for a, s in zip(m.mean(0), m.std(0)))
