@@ -66,7 +66,7 @@ BASE_CONFIG = dict(
     eval=False,             # only evaluate the checkpoint in out_dir
     resume=False,           # continue out_dir/ckpt.pt exactly (same hardware), with its config + keys given
     dtd_root='',            # DTD folder (images/*/*.jpg) for Perlin anomaly textures; '' = procedural
-    backbone_weights='',    # '' = random init + BatchNorm recalibration, 'timm' = timm cache, or a file
+    backbone_weights='',    # '' = random init + BatchNorm recalibration, 'timm' = timm cache (paper), or a file
     num_workers=0,          # data loader worker processes for training
     log_interval=100,       # steps between log lines
     ckpt_interval=1000,     # steps between checkpoints
@@ -1134,13 +1134,18 @@ def load_pretrained(net, name, weights):
     kept in checkpoints: dict(id, file, sha256)."""
     path = weights
     if weights == 'timm':
+        import timm
         from huggingface_hub import try_to_load_from_cache
+        try:      # a bare architecture means timm's default weights: resnet50 -> timm/resnet50.a1_in1k
+            name = timm.models.get_pretrained_cfg(name).hf_hub_id.split('/', 1)[1]
+        except (AttributeError, RuntimeError):    # unknown name or tag: looked up as given
+            pass
         found = [try_to_load_from_cache(f'timm/{name}', f) for f in ('model.safetensors', 'pytorch_model.bin')]
         path = next((p for p in found if isinstance(p, str)), None)
         if path is None:
             raise UserError(f"{name} weights are not in the timm cache; on a machine with internet run "
                             f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and "
-                            'copy ~/.cache/huggingface, or pass --backbone_weights FILE')
+                            "copy ~/.cache/huggingface, or pass --backbone_weights FILE ('' = a random backbone)")
     if not os.path.isfile(path):
         raise UserError(f'backbone weights {path} not found (use a file, timm, or leave it empty)')
     state = read_weights(path)

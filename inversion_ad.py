@@ -35,9 +35,10 @@ Deviations and assumptions:
   of the official lukemelas EfficientNet), stages 1-4 = 24+32+56+160 = 272 channels at strides
   2/4/8/16, each resized bilinearly to one feature_size grid (16 at 256 px, as the paper). Pixels are
   ImageNet-normalised (the weights' own normalisation, the official HEAD's); pixel_norm='half' gives
-  the v1 code's (x - 0.5) / 0.5. Without pretrained weights the backbone is random with BatchNorm
-  statistics recalibrated on the training images (random EfficientNet features vanish otherwise),
-  built from the run's seed and saved in the checkpoint;
+  the v1 code's (x - 0.5) / 0.5. The paper preset loads the weights from the timm cache (an error if
+  absent); with --backbone_weights '' the backbone is random with BatchNorm statistics recalibrated
+  on the training images (random EfficientNet features vanish otherwise), built from the run's seed
+  and saved in the checkpoint;
 - backbone of the tiny preset (the offline default), --backbone pixels: no pretrained weights exist
   offline, and random EfficientNet features carry too little of the low-level colour/intensity
   information the synthetic defects need (kNN memory-bank probes, image/pixel AUROC: random B4
@@ -106,7 +107,7 @@ config = dict(
 )
 config.update(batch_size=8, image_size=256)
 PRESETS = {
-    'paper': dict(category='each'),   # one model per category, as the paper
+    'paper': dict(category='each', backbone_weights='timm'),   # one model per category, ImageNet B4
     'tiny': dict(backbone='pixels', image_size=128, feature_size=32, channels=64, channel_mult=(1, 1, 1),
                  num_res_blocks=1, attn_ds=(4,), num_heads=4, S=2, batch_size=16, epochs=32, warmup_epochs=2, lr=1e-3,
                  init_lr=1e-5, min_lr=1e-5, log_interval=100, ckpt_interval=500),

@@ -51,7 +51,8 @@ Deviations (offline, from scratch):
     stage 1 trains from scratch (ae_lr 1e-4) with L1 + ssim_weight * (1 - SSIM) + commitment and an EMA
     codebook with dead-code restarts (LDM learns the codebook by loss, which from scratch is prone to
     collapse). Codebook usage is logged at the end of stage 1 and kept in the checkpoint (ae.vq.usage).
-  - without --backbone_weights the backbone is random-initialised with BatchNorm statistics
+  - the paper preset loads the backbone's ImageNet weights from the timm cache (an error if absent);
+    with --backbone_weights '' (the tiny preset's) it is random-initialised with BatchNorm statistics
     re-estimated on the normal training images (saved in the checkpoint). timm zero-initialises the
     last BatchNorm scale of every ResNet block (zero_init_last), and recalibration leaves scales
     alone, so each residual branch outputs 0: the random ResNet is its stem plus the stride-2 1x1
@@ -132,7 +133,7 @@ config = dict(
 config.update(batch_size=8, image_size=256, log_interval=500, ckpt_interval=5000)
 
 PRESETS = {
-    'paper': {},   # the defaults above
+    'paper': dict(backbone_weights='timm'),   # the defaults above, with DiAD's ImageNet ResNet
     'tiny': dict(  # CPU minutes on the synthetic benchmark: 64 px images, 16x16x3 latents
         image_size=64, batch_size=16, log_interval=100, ckpt_interval=300,
         # a small autoencoder; batch 8 x 700 steps beat 16 x 350 at equal CPU (val L1 0.026 vs 0.035)

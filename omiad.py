@@ -23,7 +23,8 @@ No official code exists (the repo holds only a README). Choices where the paper 
     2-16), ImageNet pixel normalisation, each map resized bilinearly to feat_size (antialiased, so
     the stride-2/4 maps are averaged rather than subsampled when shrunk) and concatenated; raw
     features by default (as UniAD, whose pipeline the authors name; feat_norm=True standardises
-    channels). Without weights: random init + BatchNorm recalibration on a random (category-mixed)
+    channels). The paper preset loads the weights from the timm cache (an error if absent); with
+    --backbone_weights '': random init + BatchNorm recalibration on a random (category-mixed)
     subset of training images, saved in the checkpoint.
   * DEVIATION, tiny preset (the offline default): backbone='pixels', a weight-free representation:
     the ImageNet-normalised image resized (antialiased) to 4 feat_size, every 4x4 block stacked into
@@ -155,7 +156,7 @@ config = dict(
     score_kernel=16,        # image score = max of an avg-pooled map, kernel at 224 px (UniAD)
 )
 PRESETS = {
-    'paper': {},
+    'paper': dict(backbone_weights='timm'),                      # ImageNet B4 (timm cache)
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level
     # U-Net, t_init chosen on validation Perlin proxies (see the module docstring)
     'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feat_size=32, ch=64,

@@ -585,3 +585,20 @@ def test_load_pretrained_from_file_checks_keys_and_records_sha(tmp_path):
             common.load_pretrained(dst, 'toy', str(tmp_path / f'{name}.pth'))
     with pytest.raises(UserError, match='not in the timm cache.*--backbone_weights FILE'):
         common.load_pretrained(dst, 'no_such_model_xyz.in1k', 'timm')    # looks locally, never downloads
+
+
+def test_load_pretrained_finds_timm_default_weights_in_the_cache(tmp_path, monkeypatch):
+    """'timm' looks up the Hugging Face cache under the name timm.create_model(name, pretrained=True)
+    downloads to: a bare architecture (resnet18) means its default tag (resnet18.a1_in1k)."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    src = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    snapshot = tmp_path / 'models--timm--resnet18.a1_in1k' / 'snapshots' / 'abc123'
+    snapshot.mkdir(parents=True)
+    (tmp_path / 'models--timm--resnet18.a1_in1k' / 'refs').mkdir()
+    (tmp_path / 'models--timm--resnet18.a1_in1k' / 'refs' / 'main').write_text('abc123')
+    save_file(src.state_dict(), str(snapshot / 'model.safetensors'))
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    dst = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    rec = common.load_pretrained(dst, 'resnet18', 'timm')
+    assert torch.equal(dst[0].weight, src[0].weight) and rec['id'] == 'resnet18.a1_in1k'

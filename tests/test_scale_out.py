@@ -6,7 +6,9 @@ tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a f
 - a training killed with SIGKILL between checkpoints resumes (with the config it was saved with,
   whatever the defaults say) and ends with exactly the weights of an uninterrupted run of the same seed;
 - a NaN loss stops training with a one-line message and keeps the last good checkpoint, and a NaN
-  on one of two ranks stops both (no rank waits forever for the other's gradients).
+  on one of two ranks stops both (no rank waits forever for the other's gradients);
+- the paper presets of the feature methods never train on a random backbone when ImageNet weights
+  are missing.
 """
 import os
 import subprocess
@@ -146,3 +148,19 @@ def test_a_nan_on_one_rank_stops_both_ranks(tmp_path):
     run = harness('diffusionad', tmp_path / 'dump', tmp_path / 'out', '--nan_on_rank', '1', torchrun=True)
     assert run.returncode != 0 and run.stderr.count('error: loss is not finite at step 2') == 2, run.stderr[-3000:]
     assert common.read_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))['step'] == 2
+
+
+@pytest.mark.parametrize('method', ['inversion_ad', 'lasb', 'omiad'])
+def test_paper_preset_never_trains_on_a_random_backbone(method, tmp_path, monkeypatch):
+    """Their paper presets take ImageNet weights from the timm cache: with none there, training
+    stops at once with the fix instead of training on a random backbone."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    argv = MICRO[method][0].replace('--backbone pixels', '').split()       # the paper's backbone
+    module = __import__(method)
+    cfg = common.get_config(module.config, module.PRESETS, argv + ['--preset', 'paper', '--device', 'cpu',
+                                                                   '--out_dir', str(tmp_path / 'out')], module.__file__)
+    with pytest.raises(common.UserError, match="not in the timm cache.*--backbone_weights FILE .'' = a random"):
+        module.train(cfg)
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
