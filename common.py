@@ -318,14 +318,20 @@ def run(cfg, train, Model):
                 c, done = _resume_each(c, cfg['out_dir'], cats)
             if done is None and c['eval'] and not c['train']:
                 model, ckpt = load(path, Model, device=c['device'])
-                changed = {k: c[k] for k in Model.INFER_KEYS   # the ones typed, not the defaults
-                           if k in c.get('cli_keys', ()) and c[k] != ckpt['config'].get(k)}
-                if changed:           # never evaluate other keys silently, nor into the run's results
+                changed = {k: c[k] for k in c.get('cli_keys', ())   # typed keys, never ignored silently
+                           if k not in RUNTIME_KEYS + RESUME_KEYS and c[k] != ckpt['config'].get(k)}
+                if changed:           # nor evaluated into the run's results
                     trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
-                    raise UserError(f'--eval evaluates {path} as trained ({trained}); for other inference keys '
-                                    'run: python eval.py ' + path + ''.join(f' --{k} {v}' for k, v in changed.items()))
+                    hint = f"only inference keys may differ ({', '.join(Model.INFER_KEYS) or 'none'})"
+                    if set(changed) <= set(Model.INFER_KEYS):
+                        hint = f'for other inference keys run: python eval.py {path}' + ''.join(
+                            f' --{k} {v}' for k, v in changed.items())
+                    raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:
+                if not c['resume'] and os.path.isfile(path):       # never restart over a run silently
+                    raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
+                                    'from the start, delete it or choose another --out_dir')
                 model, seconds = train(c)
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')
@@ -506,7 +512,13 @@ def categories(data, root=''):
         return SYNTHETIC
     if data == 'folder':
         _check_root(data, root)
-        return tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, 'train'))))
+        found = tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, 'train'))))
+        if not found:
+            one = os.path.isdir(os.path.join(root, 'train'))      # the root is itself one category
+            raise UserError(f'no category folders (<category>/train) in {root}' + (
+                f': pass its parent as --data_root and --category {os.path.basename(os.path.normpath(root))}'
+                if one else ''))
+        return found
     return {'mvtec': MVTEC, 'visa': VISA, 'btad': BTAD}[data]
 
 

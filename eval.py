@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -238,15 +239,15 @@ def _load(path, overrides=None, device=None, ckpt=None):
 
 
 def evaluate_checkpoint(path, argv):
+    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path      # a run folder: its ckpt.pt
     ckpt = common.read_checkpoint(path)                            # read once: paper checkpoints are GBs
     overrides = common._parse_argv(argv, {**ckpt['config'], 'heatmaps': 0})   # load() refuses non-inference keys
     heatmaps = overrides.pop('heatmaps', 0)
     model, ckpt = _load(path, overrides, overrides.get('device'), ckpt)
-    tag = '_'.join(f'{k}{v}' for k, v in overrides.items())    # any override: never over the run's results
-    out_dir = os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')
-    test = common.load_dataset(model.cfg, 'test')
-    return evaluate(model, test, out_dir, heatmaps, ckpt.get('train_seconds', float('nan')),
-                    train_versions=ckpt.get('versions'))
+    tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in overrides.items()))   # one folder, never
+    out_dir = os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # over the run's results
+    return evaluate(model, common.load_dataset(model.cfg, 'test'), out_dir, heatmaps,
+                    ckpt.get('train_seconds', float('nan')), train_versions=ckpt.get('versions'))
 
 
 def compare(root):

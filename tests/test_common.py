@@ -232,6 +232,8 @@ def test_loader_errors(tmp_path):
         common.load_dataset(_cfg('mvtech', root), 'test')
     with pytest.raises(UserError, match='has no cable folder, so it is not mvtec: .*use --data folder'):
         common.load_dataset(_cfg('mvtec', root, 'cable'), 'test')
+    with pytest.raises(UserError, match='no category folders .* pass its parent as --data_root and --category bottle'):
+        common.load_dataset(_cfg('folder', root / 'bottle', 'all'), 'test')       # one category's folder
     os.remove(root / 'bottle' / 'ground_truth' / 'crack' / '000_mask.png')
     with pytest.raises(UserError, match='image/mask mismatch: .*crack/000.png has no mask 000_mask.png'):
         common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')

@@ -127,6 +127,8 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     E.main([ckpt, '--batch_size', '5'])                    # a run-time override too gets its own folder
     assert os.path.isfile(os.path.join(out, 'eval_batch_size5', 'results.json'))
     assert open(os.path.join(out, 'results.json')).read() == own and 'trained_with' in r['versions']
+    E.main([out, '--batch_size', '6', '--data_root', 'x/y'])   # a run folder; a path value: one folder
+    assert os.path.isfile(os.path.join(out, 'eval_batch_size6_data_rootx-y', 'results.json'))
     with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of toy_method: noise'):
         E.main([ckpt, '--width', '4'])
     with pytest.raises(UserError, match='unknown option --S'):
@@ -134,6 +136,10 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     with pytest.raises(UserError, match=r'--eval evaluates \S+ as trained \(noise 0.0\); for other inference keys '
                                         r'run: python eval.py \S+ckpt.pt --noise 0.2'):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--noise', '0.2'])
+    with pytest.raises(UserError, match=r'as trained \(eval_size 128\); only inference keys may differ \(noise\)'):
+        toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--eval_size', '64'])
+    with pytest.raises(UserError, match=r'ckpt.pt exists: --resume continues it, --eval evaluates it'):
+        toy_method.main(['--out_dir', out, '--category', 'capsule'])          # never restarted silently
     noisy = toy(tmp_path / 'noisy', '--category', 'capsule', '--noise', '0.05')
     toy_method.main(['--out_dir', noisy, '--category', 'capsule', '--eval'])   # not typed: as trained
     assert json.load(open(os.path.join(noisy, 'results.json')))['config']['noise'] == 0.05
