@@ -86,7 +86,7 @@ Choices where paper and official code (HuiZhang0812/DiffusionAD @8a64c03) differ
   machine ran ~20% slow.
 
 $ python diffusionad.py                                      # tiny preset, synthetic data, CPU
-$ python diffusionad.py --data mvtec --data_root data/mvtec --train        # paper: each category
+$ python diffusionad.py --data mvtec --dtd_root data/dtd --train           # paper: each category
 $ torchrun --standalone --nproc_per_node=4 diffusionad.py --data visa --category candle --train
 $ python eval.py out/diffusionad_mvtec_each_paper_s0/bottle/ckpt.pt --t_s 150 --t_b 500
 """
@@ -520,6 +520,9 @@ def train(cfg):
     model, opts, step, seconds = setup(cfg)
     cfg = model.cfg                            # the checkpoint's, when resuming
     data = common.load_dataset(cfg, 'train')
+    if cfg['preset'] == 'paper' and not cfg['dtd_root']:
+        common.print0("note: no --dtd_root, so the anomalies take procedural textures; the paper's come from DTD "
+                      '(https://www.robots.ox.ac.uk/~vgg/data/dtd/, then --dtd_root DIR)')
     steps = cfg['steps'] or cfg['epochs'] * (len(data) // cfg['batch_size'])
     batches = common.train_batches(data, cfg, step,
                                    functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))

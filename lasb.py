@@ -67,8 +67,8 @@ Deviations (offline, from scratch):
     sigma 1.5 (5 x 64/256 = 1.25, rounded up).
 
   python lasb.py                                                   # tiny: synthetic, both stages, eval
-  python lasb.py --data mvtec --category each --backbone_weights timm    # class-based, paper preset
-  torchrun --standalone --nproc_per_node=8 lasb.py --data visa --backbone_weights timm   # unified
+  python lasb.py --data mvtec --category each --dtd_root data/dtd       # class-based, paper preset
+  torchrun --standalone --nproc_per_node=8 lasb.py --data visa --dtd_root data/dtd --ae_batch_size 8   # unified
   python eval.py out/lasb_synthetic_all_tiny_s0/ckpt.pt --nfe 20 --n_samples 4
 """
 import functools
@@ -685,6 +685,9 @@ def train(cfg):
     data = common.load_dataset(cfg, 'train')
     if ckpt is None:
         cfg['backbone_record'] = prepare_backbone(model, data, cfg)
+    if cfg['preset'] == 'paper' and not cfg['dtd_root']:
+        common.print0("note: no --dtd_root, so the anomalies take procedural textures; DRAEM's recipe takes DTD "
+                      '(https://www.robots.ox.ac.uk/~vgg/data/dtd/, then --dtd_root DIR)')
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     common.print0(f"parameters: autoencoder {count(model.ae):.2f} M | bridge UNet {count(model.unet):.2f} M "
                   f"(ch {cfg['ch']}; Table S7 says 224, the S4 text 320) | backbone {count(model.backbone):.2f} M "
