@@ -309,6 +309,8 @@ def run(cfg, train, Model):
     rank, world = dist_setup(cfg)
     try:
         each = cfg['category'] == 'each'
+        if not cfg['resume'] and (cfg['train'] or not cfg['eval']):   # (a resumed run keeps its data_root)
+            check_data(cfg)
         cats = categories(cfg['data'], cfg['data_root']) if each else [cfg['category']]
         results = []
         for cat in cats:
@@ -631,19 +633,33 @@ class ADDataset(torch.utils.data.Dataset):
 def load_dataset(cfg, split):
     """split: 'train' (train/good minus the validation share), 'val' or 'test'. cfg needs data,
     data_root, category ('all' = every category), image_size, eval_size, seed, val_frac."""
-    data, root, cat = cfg['data'], cfg['data_root'], cfg['category']
-    if data != 'synthetic':
-        _check_root(data, root)
-    valid = categories(data, root)
-    if cat not in valid and cat != 'all':
-        close = difflib.get_close_matches(cat, valid, n=1)
-        raise UserError(f"unknown category {cat!r} for {data}" + (f' (did you mean {close[0]!r}?)'
-                        if close else '') + f"; valid: all, each, {', '.join(valid)}")
-    cats = valid if cat == 'all' else (cat,)
+    cats = _categories_of(cfg)
     parts = [_load_category(cfg, c, cats.index(c), split) for c in cats]
     cat_fields = [np.concatenate([p[k] for p in parts]) for k in range(5)]
     return ADDataset(*cat_fields[:4], [q for p in parts for q in p[4]], cats,
                      {c: p[5] for c, p in zip(cats, parts)})
+
+
+def _categories_of(cfg):
+    """The categories cfg['category'] stands for ('all' and 'each': every one), or a one-line error."""
+    data, root, cat = cfg['data'], cfg['data_root'], cfg['category']
+    if data != 'synthetic':
+        _check_root(data, root)
+    valid = categories(data, root)
+    if cat not in valid and cat not in ('all', 'each'):
+        close = difflib.get_close_matches(cat, valid, n=1)
+        raise UserError(f"unknown category {cat!r} for {data}" + (f' (did you mean {close[0]!r}?)'
+                        if close else '') + f"; valid: all, each, {', '.join(valid)}")
+    return valid if cat in ('all', 'each') else (cat,)
+
+
+def check_data(cfg):
+    """List (without decoding) the train and test files of every category the run needs, so that a
+    missing folder, image or mask is an error before training, not after it."""
+    cats = _categories_of(cfg)
+    for cat in cats if cfg['data'] != 'synthetic' else ():
+        for split in ('train', 'test'):
+            _list(cfg['data'], cfg['data_root'], cat, split)
 
 
 def _load_category(cfg, cat, ci, split):

@@ -566,7 +566,7 @@ def progress(cfg, stage, step, total, clock, msg):
     return clock['seconds'] + now - clock['start']
 
 
-def train_autoencoder(model, data, cfg, ckpt, clock):
+def train_autoencoder(model, data, val, cfg, ckpt, clock):
     """Stage 1: the VQ autoencoder on normal training images (L1 + SSIM + commitment, EMA codebook)."""
     ae, device, rank = model.ae.train(), cfg['device'], common.rank_world()[0]
     path, step = os.path.join(cfg['out_dir'], 'ckpt.pt'), ckpt['step'] if ckpt else 0
@@ -596,11 +596,11 @@ def train_autoencoder(model, data, cfg, ckpt, clock):
         if (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['ae_steps']:
             common.save(path, model, stage=1, step=step + 1, final=False, opt=opt.state_dict(),
                         train_seconds=seconds)
-    finish_autoencoder(model, data, cfg)
+    finish_autoencoder(model, data, val, cfg)
 
 
 @torch.no_grad()
-def finish_autoencoder(model, data, cfg):
+def finish_autoencoder(model, data, val, cfg):
     """Freeze the autoencoder, report its validation error and codebook usage (kept in the checkpoint
     as ae.vq.usage), and set the latent scale (spec 3.6)."""
     ae = model.ae.eval().requires_grad_(False)
@@ -610,8 +610,8 @@ def finish_autoencoder(model, data, cfg):
     model.scale.fill_(cfg['latent_scale'] or 1 / float(z.std()))
     p = ae.vq.usage / ae.vq.usage.sum()
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-    val = common.load_dataset(cfg, 'val').images[:64].float().to(cfg['device']) / 255
-    l1 = float((model.decode(model.encode(val)) - val).abs().mean()) if len(val) else float('nan')
+    val = val.images[:64].float().to(cfg['device']) / 255
+    l1 = float((model.decode(model.encode(val)) - val).abs().mean())
     common.print0(f"stage 1 done | val L1 {l1:.4f} | codebook {int((ae.vq.usage > 0).sum())}/{cfg['n_embed']} "
                   f'codes used, perplexity {perplexity:.0f} | latent std {float(z.std()):.3f}, '
                   f'scale {float(model.scale):.3f}')
@@ -694,7 +694,7 @@ def train(cfg):
                   f"({cfg['backbone_record']['id']})")
     clock = dict(seconds=ckpt['train_seconds'] if ckpt else 0.0, start=time.time())
     if ckpt is None or ckpt['stage'] == 1:
-        train_autoencoder(model, data, cfg, ckpt, clock)
+        train_autoencoder(model, data, common.load_dataset(cfg, 'val'), cfg, ckpt, clock)
         ckpt = None
     else:
         model.ae.eval().requires_grad_(False)

@@ -631,13 +631,12 @@ def save_asd(model, step, psi, opt_g, opt_psi, seconds):
                 opt_psi=opt_psi.state_dict(), train_seconds=seconds)
 
 
-def train_asd(model, cfg, data, x0_train, state, clock):
+def train_asd(model, cfg, data, val, x0_train, state, clock):
     """Stage 2 (Algorithm 1): alternate psi and generator updates; the teacher stays frozen."""
     ckpt_path, rank = os.path.join(cfg['out_dir'], 'ckpt.pt'), common.rank_world()[0]
     g, psi = model.generator.requires_grad_(True), copy.deepcopy(model.teacher).requires_grad_(True)
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg['asd_lr'], betas=(0.0, 0.999))    # SiD
     opt_psi = torch.optim.Adam(psi.parameters(), lr=cfg['asd_lr'], betas=(0.0, 0.999))
-    val = common.load_dataset(cfg, 'val')
     val = val.subset(torch.linspace(0, len(val) - 1, min(cfg['val_images'], len(val))).long())
     x0_val = extract(model, val)
     eps_val = common.sample_noise(x0_val.shape[1:], cfg['seed'], val.paths)   # drawn once, reused per check
@@ -709,6 +708,7 @@ def train(cfg):
         model = Model(dict(cfg)).to(cfg['device'])
     cfg = model.cfg
     data = common.load_dataset(cfg, 'train')
+    val = common.load_dataset(cfg, 'val')    # for the drift check of stage 2: an empty split fails now
     if state is None:
         setup_backbone(model, cfg, data)
     n = {k: sum(p.numel() for p in getattr(model, k).parameters()) / 1e6 for k in ('backbone', 'teacher', 'generator')}
@@ -721,7 +721,7 @@ def train(cfg):
     if state is None or state['stage'] == 1:
         train_amdm(model, cfg, data, x0, state, clock)
         state = None
-    train_asd(model, cfg, data, x0, state, clock)
+    train_asd(model, cfg, data, val, x0, state, clock)
     return model.eval(), clock()
 
 

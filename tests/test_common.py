@@ -147,6 +147,19 @@ def mvtec_tree(root, cats=('bottle', 'screw')):
     return root
 
 
+def test_run_checks_every_category_before_training(tmp_path):
+    """A broken category (here a missing mask of screw, the second one) stops the run before any
+    training, not after the first categories have trained."""
+    root = mvtec_tree(tmp_path / 'data')
+    os.remove(root / 'screw' / 'ground_truth' / 'crack' / '000_mask.png')
+    trained = []
+    cfg = cfg_of('--data', 'folder', '--data_root', str(root), '--category', 'each', '--device', 'cpu',
+                 '--out_dir', str(tmp_path / 'out'))
+    with pytest.raises(UserError, match='image/mask mismatch: .*screw'):
+        common.run(dict(cfg, image_size=32, eval_size=16), lambda c: trained.append(c['category']), None)
+    assert trained == []
+
+
 def test_mvtec_like_loader(tmp_path):
     root = mvtec_tree(tmp_path / 'mvtec')
     test = common.load_dataset(_cfg('folder', root), 'test')

@@ -230,3 +230,10 @@ def test_cli_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='--ae_batch_size 4 must be divisible by the 3 ranks'):
         lasb.train(micro_cfg(tmp_path))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_an_empty_validation_split_fails_before_stage_1(tmp_path):
+    """The end of stage 1 reports the validation error: without a validation split, stop at once."""
+    with pytest.raises(common.UserError, match='val split of weave is empty'):
+        lasb.train(micro_cfg(tmp_path, '--val_frac', '0'))
+    assert not os.path.exists(tmp_path / 'ckpt.pt')

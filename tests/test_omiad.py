@@ -314,3 +314,10 @@ def test_cli_errors(tmp_path):
             omiad.train(tiny_cfg(tmp_path, *flags))
     with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):
         omiad.train(tiny_cfg(tmp_path, '--backbone_weights', 'timm'))
+
+
+def test_an_empty_validation_split_fails_before_stage_1(tmp_path):
+    """The drift check of stage 2 needs the validation split: without one, stop before training."""
+    with pytest.raises(common.UserError, match='val split of weave is empty'):
+        omiad.train(tiny_cfg(tmp_path, '--val_frac', '0'))
+    assert not os.path.exists(tmp_path / 'ckpt.pt')
