@@ -334,7 +334,7 @@ def run(cfg, train, Model):
                 if not c['resume'] and os.path.isfile(path):       # never restart over a run silently
                     raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
                                     'from the start, delete it or choose another --out_dir')
-                model, seconds = train(c)
+                model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')
                 done = evaluate(model, test, c['out_dir'], c['heatmaps'], seconds, train_versions=trained_with)
@@ -645,6 +645,8 @@ def _categories_of(cfg):
     data, root, cat = cfg['data'], cfg['data_root'], cfg['category']
     if data != 'synthetic':
         _check_root(data, root)
+    if cat == 'all' and cfg.get('categories'):   # a trained model's (run() records them): same class ids
+        return tuple(cfg['categories'])
     valid = categories(data, root)
     if cat not in valid and cat not in ('all', 'each'):
         close = difflib.get_close_matches(cat, valid, n=1)

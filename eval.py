@@ -291,7 +291,7 @@ def predict(ckpt, image_path, out='', category=''):
     """Score one image with a trained model; writes image | map overlay to out (.png). category
     names the image's category for models trained on several (class-conditioned ones need it)."""
     model, _ = _load(ckpt)
-    cats = common.categories(model.cfg['data'], model.cfg['data_root']) if model.cfg['category'] == 'all' else [model.cfg['category']]
+    cats = list(model.cfg.get('categories') or common._categories_of(model.cfg))   # as trained; no data needed
     if (category or len(cats) > 1) and category not in cats:
         raise UserError(f"name the image's category with --category: one of {', '.join(cats)}"
                         + (f' (not {category!r})' if category else ''))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -288,3 +289,19 @@ def test_bench_counts_parameters_flops_and_separates_network_time(capsys):
     model, x = Slow(), torch.rand(1, 3, 8, 8)
     total, spent, passes, _ = E._network_passes(model, dict(image=x), torch.device('cpu'), reuse=False)
     assert 0 < spent < 0.01 and total >= spent + 0.02 and [(k[0], p[0]) for k, p in passes.items()] == [('net', 1)]
+
+
+def test_a_multi_class_model_keeps_the_categories_it_was_trained_on(tmp_path):
+    """run() records the categories in the checkpoint: evaluation keeps their class ids even when the
+    data folder now lists others (a category dropped from the front shifted every id before), and
+    --predict needs no dataset."""
+    out = toy(tmp_path, '--steps', '1')
+    cfg = common.read_checkpoint(out)['config']
+    assert cfg['categories'] == list(common.SYNTHETIC)
+    test = common.load_dataset(dict(cfg, categories=['grain', 'weave']), 'test')
+    assert test.categories == ['grain', 'weave'] and test.cls[test.paths.index(next(
+        p for p in test.paths if p.startswith('weave')))] == 1
+    img = tmp_path / 'one.png'
+    Image.fromarray(test.images[0].numpy().transpose(1, 2, 0)).save(img)
+    with mock.patch.object(common, 'categories', side_effect=AssertionError('the dataset was listed')):
+        E.predict(os.path.join(out, 'ckpt.pt'), str(img), str(tmp_path / 'h.png'), category='grain')
