@@ -254,7 +254,8 @@ def compare(root):
     """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each
     setting: method, data, category, preset, the config (but per-run and run-time keys) and protocol;
     a preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
-    runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'backbone_source', 'backbone_record')
+    runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_source',
+                                                                     'backbone_record')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
         if os.path.isfile(parent) and json.load(open(parent)).get('category') == 'each':
@@ -327,7 +328,6 @@ def bench(method, argv):
     model, device = module.Model(cfg).to(cfg['device']).eval(), torch.device(cfg['device'])
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}
     print(f"{method} ({cfg['preset']}): " + ', '.join(f'{n} {p / 1e6:.1f} M' for n, p in params.items()))
-
     def batch(b):
         return dict(image=torch.rand(b, 3, cfg['image_size'], cfg['image_size'], device=device),
                     cls=torch.zeros(b, dtype=torch.long, device=device), path=[f'bench/{i}' for i in range(b)])
