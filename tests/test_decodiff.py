@@ -192,6 +192,22 @@ def test_map_is_on_the_minus1_1_scale_whichever_input_range():
     assert torch.allclose(amap, (d_pix * 0.25).sqrt(), atol=1e-6)          # Eq. 15: the geometric mean
 
 
+def test_the_autoencoder_runs_16_images_at_a_time():
+    """A batch of 20 (the paper's evaluation batch is 128) reaches the VAE in chunks of at most 16,
+    with the same map as image by image."""
+    torch.manual_seed(0)
+    model = tiny_model(image_size=32)
+    seen = []
+    for net in (model.vae.encoder, model.vae.decoder):
+        net.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    x, cls = torch.rand(20, 3, 32, 32), torch.zeros(20, dtype=torch.long)
+    with torch.no_grad():
+        out = model.predict(dict(image=x, cls=cls, path=[str(i) for i in range(20)]))
+        assert seen == [16, 4] * 3                                        # encoder once, decoder twice
+        one = model.predict(dict(image=x[17:18], cls=cls[:1], path=['17']))
+    torch.testing.assert_close(out['map'][17:18], one['map'], atol=1e-5, rtol=1e-4)
+
+
 def test_training_reduces_the_corrector_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = tiny_model().train()
