@@ -377,13 +377,19 @@ def save(path, model, **state):
     mid-write leaves the previous checkpoint intact."""
     if rank_world()[0] != 0:
         return
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     ckpt = dict(method=method_of(type(model)), config=model.cfg, preset=model.cfg.get('preset'),
                 model=model.state_dict(), versions=versions(), **state)
+    write_atomic(path, lambda f: torch.save(ckpt, f))
+
+
+def write_atomic(path, write, mode='wb'):
+    """write(f) into a temporary file, then rename it to path: a kill mid-write leaves the previous
+    file intact (checkpoints, results.json)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(ckpt, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -149,10 +149,12 @@ def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'
     if not quiet:
         print_table(results, baselines(cfg))
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-            json.dump(results, f, indent=1)
+        write_json(os.path.join(out_dir, 'results.json'), results)
     return results
+
+
+def write_json(path, obj):
+    common.write_atomic(path, lambda f: json.dump(obj, f, indent=1), 'w')
 
 
 def merge(results, category):
@@ -172,19 +174,16 @@ def summarize_each(out_dir, results, quiet=False):
                           if c not in summary['metrics']]
     if not quiet:
         print_table(summary, baselines(dict(first['config'], category='all')))
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out_dir, 'results.json'), summary)
 
 
 # -----------------------------------------------------------------------------
 # output: tables, heatmaps
 
 
-def _row(name, m):
-    return f"{name[:24]:<24}" + ''.join(f'{100 * m[k]:8.1f}' for k in METRICS + ('mad',))
-
-
 def print_table(r, base=None):
+    def _row(name, m):
+        return f"{name[:24]:<24}" + ''.join(f'{100 * m[k]:8.1f}' for k in METRICS + ('mad',))
     print(f"\n{r['method']} | {r['data']} | {r['category']} | preset {r['preset']} | seed {r['seed']}")
     print(f"{'category':<24}" + ''.join(f'{n:>8}' for n in NAMES))
     print('\n'.join([_row(cat, m) for cat, m in r['metrics'].items()] +
@@ -301,6 +300,7 @@ def predict(ckpt, image_path, out='', category=''):
     o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[os.path.basename(image_path)]))
     amap = o['map'][0].float().cpu().numpy()
     out = out or os.path.splitext(os.path.basename(image_path))[0] + '_heatmap.png'
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     Image.fromarray(_panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap,
                            amap.min(), amap.max())).save(out)
     score = float(o['score'][0])
@@ -415,9 +415,7 @@ def run_baselines(argv):
     for kind, r in results.items():
         out = os.path.join('out', f"baseline_{kind}_{cfg['data']}_{cfg['category']}_s{cfg['seed']}")
         print_table(r)
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, 'results.json'), 'w') as f:
-            json.dump(r, f, indent=1)
+        write_json(os.path.join(out, 'results.json'), r)
     return results
 
 

@@ -471,8 +471,12 @@ class Model(nn.Module):
         self.ae = VQAE(cfg)
         self.unet = UNet(cfg)            # the EMA weights: I2SB samples with them
         self.sb = Bridge(cfg)
-        self.backbone = timm.create_model(cfg['backbone'], pretrained=False, features_only=True,
-                                          out_indices=cfg['layers']).eval().requires_grad_(False)
+        try:
+            self.backbone = timm.create_model(cfg['backbone'], pretrained=False, features_only=True,
+                                              out_indices=cfg['layers']).eval().requires_grad_(False)
+        except (RuntimeError, IndexError) as e:       # an unknown timm name, or stages it does not have
+            raise common.UserError(f"--backbone {cfg['backbone']} --layers {cfg['layers']}: {e} (layers are "
+                                   'feature stages 0-4 of a timm CNN, e.g. resnet50 with 1,2,3)')
         self.register_buffer('scale', torch.tensor(1.0))    # latent scale, set at the end of stage 1
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

@@ -151,8 +151,8 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     model, _ = common.load(ckpt, toy_method.Model)
     small = common.load_dataset(model.cfg, 'test')
     expected = model.predict(dict(image=small[45]['image'][None], cls=torch.zeros(1, dtype=torch.long), path=['x']))['score']
-    score, amap = E.predict(ckpt, str(img), str(tmp_path / 'h.png'))
-    assert score == pytest.approx(expected.item(), abs=1e-6) and os.path.isfile(tmp_path / 'h.png')
+    score, amap = E.predict(ckpt, str(img), str(tmp_path / 'new' / 'h.png'))     # the folder is made
+    assert score == pytest.approx(expected.item(), abs=1e-6) and os.path.isfile(tmp_path / 'new' / 'h.png')
     assert r['metrics']['capsule']['image_auroc'] == r['metrics']['capsule']['image_auroc']   # not NaN
 
 
