@@ -183,9 +183,11 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
             _check_root(cfg['data'], cfg['data_root'])     # needed on any device: say it first
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '
                         'or pass --device cpu to run it anyway')
-    print(f'{method}: preset {preset}' + (' (auto)' if cli_args.get('preset', defaults['preset']) == 'auto' else ''))
-    for key, value in cli_args.items():
-        print(f'overriding: {key} = {value!r}')
+    if int(os.environ.get('RANK', 0)) == 0:          # torchrun: once, not once per process
+        auto = cli_args.get('preset', defaults['preset']) == 'auto'
+        print(f'{method}: preset {preset}' + (' (auto)' if auto else ''))
+        for key, value in cli_args.items():
+            print(f'overriding: {key} = {value!r}')
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -453,7 +455,8 @@ def resume(cfg, Model):
     except UserError as e:
         raise UserError(f"{' '.join('--' + k for k in changed)} changed the network, which cannot change on "
                         '--resume' if changed else e)
-    print0(f"resuming {path} at step {ckpt['step']}" + (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
+    print0(f"resuming {path} (preset {saved.get('preset')}) at step {ckpt['step']}" +
+           (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
     return model, ckpt
 
 

@@ -100,6 +100,7 @@ def test_two_ranks_agree_and_only_rank_0_writes(method, tmp_path):
     assert (r0['world'], r1['world']) == (2, 2)
     assert_same_weights(r0['state'], r1['state'])           # frozen backbone, BN statistics, trained nets
     assert r1['writes'] == []                                # rank 1 never writes a file
+    assert run.stdout.count(f'{method}: preset') == 1        # the config is printed once
     ckpt = str(tmp_path / 'out' / 'ckpt.pt')
     assert any(w.startswith(ckpt) for w in r0['writes'])     # common.save writes ckpt.pt.tmp, then renames
     load_and_predict(method, ckpt)
