@@ -311,9 +311,13 @@ def run(cfg, train, Model):
     rank, world = dist_setup(cfg)
     try:
         each = cfg['category'] == 'each'
-        if not cfg['resume'] and (cfg['train'] or not cfg['eval']):   # (a resumed run keeps its data_root)
-            check_data(cfg)
         cats = categories(cfg['data'], cfg['data_root']) if each else [cfg['category']]
+        if not cfg['resume'] and (cfg['train'] or not cfg['eval']):   # a fresh run: fail now, not after training
+            check_data(cfg)
+            for path in (os.path.join(cfg['out_dir'], *([cat] if each else []), 'ckpt.pt') for cat in cats):
+                if os.path.isfile(path):                        # never restart over a run silently
+                    raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
+                                    'from the start, delete it or choose another --out_dir')
         results = []
         for cat in cats:
             c = dict(cfg, category=cat, out_dir=os.path.join(cfg['out_dir'], cat)) if each else cfg
@@ -333,9 +337,6 @@ def run(cfg, train, Model):
                     raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:
-                if not c['resume'] and os.path.isfile(path):       # never restart over a run silently
-                    raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
-                                    'from the start, delete it or choose another --out_dir')
                 model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')

@@ -79,6 +79,15 @@ def test_each_runs_one_model_per_category_and_a_mean_row(tmp_path):
     assert list(runs) == [('toy_method', 'synthetic', 'each', 'tiny')]   # members folded into the summary
 
 
+def test_a_fresh_each_run_stops_before_training_if_any_category_has_a_checkpoint(tmp_path):
+    out = str(tmp_path / 'run')
+    os.makedirs(os.path.join(out, 'grain'))
+    open(os.path.join(out, 'grain', 'ckpt.pt'), 'wb').close()
+    with pytest.raises(UserError, match='grain.ckpt.pt exists: --resume continues it'):
+        toy_method.main(['--out_dir', out, '--category', 'each', '--steps', '2'])
+    assert not os.path.exists(os.path.join(out, 'weave', 'ckpt.pt'))     # weave, the first, did not train
+
+
 def assert_same_checkpoints(a, b):
     a, b = (torch.load(os.path.join(p, 'ckpt.pt'), weights_only=True) for p in (a, b))
     assert a['step'] == b['step']
