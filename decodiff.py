@@ -541,7 +541,8 @@ class Model(nn.Module):
 
     def encode(self, x):
         """Posterior (mean, std) of scaled latents for images x in [0,1] (the AE sees [-1,1])."""
-        mean, logvar = (torch.cat(m) for m in zip(*(self.vae.encode(c * 2 - 1) for c in x.split(16))))
+        parts = [self.vae.encode(c * 2 - 1) for c in x.split(16)]          # 16 images at a time, see decode
+        mean, logvar = (torch.cat(p) for p in zip(*parts))
         return mean * self.scale, (0.5 * logvar).exp() * self.scale
 
     def decode(self, z):

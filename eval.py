@@ -182,12 +182,12 @@ def summarize_each(out_dir, results, quiet=False):
 
 
 def print_table(r, base=None):
-    def _row(name, m):
+    def row(name, m):
         return f"{name[:24]:<24}" + ''.join(f'{100 * m[k]:8.1f}' for k in METRICS + ('mad',))
     print(f"\n{r['method']} | {r['data']} | {r['category']} | preset {r['preset']} | seed {r['seed']}")
     print(f"{'category':<24}" + ''.join(f'{n:>8}' for n in NAMES))
-    print('\n'.join([_row(cat, m) for cat, m in r['metrics'].items()] +
-                    [_row(f'baseline {kind} (mean)', b['metrics']['mean']) for kind, b in (base or {}).items()]))
+    print('\n'.join([row(cat, m) for cat, m in r['metrics'].items()] +
+                    [row(f'baseline {kind} (mean)', b['metrics']['mean']) for kind, b in (base or {}).items()]))
     if r.get('missing'):
         print(f"incomplete: missing {', '.join(r['missing'])}")
     trained = f" | trained {r['train_seconds'] / 60:.1f} min" if r['train_seconds'] == r['train_seconds'] else ''
