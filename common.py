@@ -326,13 +326,14 @@ def run(cfg, train, Model):
                 c, done = _resume_each(c, cfg['out_dir'], cats)
             if done is None and c['eval'] and not c['train']:
                 model, ckpt = load(path, Model, device=c['device'])
-                changed = {k: c[k] for k in c.get('cli_keys', ())   # typed keys, never ignored silently
-                           if k not in RUNTIME_KEYS + RESUME_KEYS and c[k] != ckpt['config'].get(k)}
-                if changed:           # nor evaluated into the run's results
+                changed = {k: c[k] for k in c.get('cli_keys', ())   # typed keys: never ignored silently, nor
+                           if (k not in RUNTIME_KEYS + RESUME_KEYS or k == 'data_root')   # evaluated into the
+                           and c[k] != ckpt['config'].get(k)}                          # run's results
+                if changed:
                     trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
                     hint = f"only inference keys may differ ({', '.join(Model.INFER_KEYS) or 'none'})"
-                    if set(changed) <= set(Model.INFER_KEYS):
-                        hint = f'for other inference keys run: python eval.py {path}' + ''.join(
+                    if set(changed) <= set(Model.INFER_KEYS) | {'data_root'}:
+                        hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
                             f' --{k} {v}' for k, v in changed.items())
                     raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
@@ -350,16 +351,19 @@ def run(cfg, train, Model):
 
 
 def _resume_each(c, root, cats):
-    """--resume of a killed 'each' run, for one category: (c, results) if it had finished (kept as
-    evaluated), else (c, None) to train: from its checkpoint, or, not reached before the kill, from
-    the start with the options the run was started with (a sibling checkpoint's cli_keys) and the
-    ones typed now."""
-    done = os.path.join(c['out_dir'], 'results.json')
-    if os.path.isfile(done):
-        print0(f"{c['category']}: finished before the kill; kept as it was")
-        return c, json.load(open(done))
+    """--resume of an 'each' run, for one category: (c, results) if it had finished and nothing new is
+    typed (kept as evaluated), else (c, None) to train: from its checkpoint, or, not reached before a
+    kill, from the start with the options the run was started with (a sibling checkpoint's cli_keys)
+    and the ones typed now."""
+    done, path = os.path.join(c['out_dir'], 'results.json'), os.path.join(c['out_dir'], 'ckpt.pt')
+    if os.path.isfile(done) and os.path.isfile(path):
+        saved = read_checkpoint(path, mmap=True)       # final: not a mid-run checkpoint evaluated by hand
+        new = [k for k in _given(c) - set(RESUME_KEYS + RUNTIME_KEYS) if c[k] != saved['config'].get(k)]
+        if saved.get('final') is not False and not new:
+            print0(f"{c['category']}: finished; kept as it was")
+            return c, json.load(open(done))
     siblings = [p for p in (os.path.join(root, k, 'ckpt.pt') for k in cats) if os.path.isfile(p)]
-    if os.path.join(c['out_dir'], 'ckpt.pt') in siblings or not siblings:      # killed in it, or none yet
+    if path in siblings or not siblings:      # killed in it (or finished, with keys typed now), or none yet
         return c, None
     saved = read_checkpoint(siblings[0], mmap=True)['config']
     first = {k: saved[k] for k in saved.get('cli_keys', ()) if k not in RESUME_KEYS + ('category',)}
@@ -404,7 +408,11 @@ def write_atomic(path, write, mode='wb'):
 def read_checkpoint(path, mmap=False):
     """The checkpoint dict, or a one-line error for a missing, truncated, pickled or foreign file.
     A run folder stands for its ckpt.pt; mmap=True reads tensors lazily (to look at the config)."""
+    members = sorted(glob.glob(os.path.join(glob.escape(path), '*', 'ckpt.pt'))) if os.path.isdir(path) else []
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(path) and members:
+        raise UserError(f'no checkpoint in {os.path.dirname(path)}, but in its subfolders (one per category of '
+                        f'a --category each run): give one, e.g. {os.path.dirname(members[0])}')
     if not os.path.isfile(path):
         raise UserError(f'no checkpoint at {path}: train first (--train), or check --out_dir')
     try:

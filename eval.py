@@ -61,7 +61,7 @@ _BASELINES = {}
 def baselines(cfg):
     """Both baselines on cfg's data and categories at eval_size, one category at a time (cached
     per process, so 'all', 'each' and single categories share the work)."""
-    cats = common.categories(cfg['data'], cfg['data_root']) if cfg['category'] in ('all', 'each') else [cfg['category']]
+    cats = common._categories_of(cfg)          # a trained model's own categories when it recorded them
     keys = {cat: tuple(cfg[k] for k in ('data', 'data_root', 'eval_size', 'seed', 'val_frac')) + (cat,) for cat in cats}
     for cat, key in keys.items():
         if key not in _BASELINES:
@@ -173,7 +173,8 @@ def summarize_each(out_dir, results, quiet=False):
     summary['missing'] = [c for c in common.categories(first['data'], first['config']['data_root'])
                           if c not in summary['metrics']]
     if not quiet:
-        print_table(summary, baselines(dict(first['config'], category='all')))
+        print_table(summary, baselines(dict(first['config'], category='all', categories=[
+            c for c in summary['metrics'] if c != 'mean'])))
     write_json(os.path.join(out_dir, 'results.json'), summary)
 
 
@@ -238,13 +239,14 @@ def _load(path, overrides=None, device=None, ckpt=None):
 
 
 def evaluate_checkpoint(path, argv):
-    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path      # a run folder: its ckpt.pt
     ckpt = common.read_checkpoint(path)                            # read once: paper checkpoints are GBs
+    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path      # a run folder: its ckpt.pt
     overrides = common._parse_argv(argv, {**ckpt['config'], 'heatmaps': 0})   # load() refuses non-inference keys
-    heatmaps = overrides.pop('heatmaps', 0)
+    heatmaps, out_dir = overrides.pop('heatmaps', 0), overrides.pop('out_dir', '')
     model, ckpt = _load(path, overrides, overrides.get('device'), ckpt)
-    tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in overrides.items()))   # one folder, never
-    out_dir = os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # over the run's results
+    # any override gets its own folder, never the run's results (unless --out_dir names one)
+    tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in overrides.items()))
+    out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')
     return evaluate(model, common.load_dataset(model.cfg, 'test'), out_dir, heatmaps,
                     ckpt.get('train_seconds', float('nan')), train_versions=ckpt.get('versions'))
 

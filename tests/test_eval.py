@@ -125,7 +125,13 @@ def test_each_resumes_its_killed_category_and_trains_the_rest(tmp_path, capsys):
         assert_same_checkpoints(os.path.join(straight, cat), os.path.join(cut, cat))
     capsys.readouterr()
     toy_method.main(['--out_dir', cut, '--category', 'each', '--resume'])
-    assert capsys.readouterr().out.count('finished before the kill; kept as it was') == 4
+    assert capsys.readouterr().out.count('finished; kept as it was') == 4
+    grain = os.path.join(cut, 'grain', 'ckpt.pt')          # a mid-run checkpoint evaluated by hand (eval.py)
+    torch.save(dict(torch.load(grain, weights_only=True), final=False, step=2), grain)
+    toy_method.main(['--out_dir', cut, '--category', 'each', '--resume'])
+    assert 'grain: finished' not in capsys.readouterr().out and common.read_checkpoint(grain)['final']
+    toy_method.main(['--out_dir', cut, '--category', 'each', '--steps', '5', '--resume'])   # typed: continues
+    assert all(common.read_checkpoint(os.path.join(cut, c))['step'] == 5 for c in common.SYNTHETIC)
 
 
 def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
@@ -139,13 +145,19 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     assert open(os.path.join(out, 'results.json')).read() == own and 'trained_with' in r['versions']
     E.main([out, '--batch_size', '6', '--data_root', 'x/y'])   # a run folder; a path value: one folder
     assert os.path.isfile(os.path.join(out, 'eval_batch_size6_data_rootx-y', 'results.json'))
+    E.main([out, '--out_dir', str(tmp_path / 'mine')])                     # where the user says
+    assert os.path.isfile(tmp_path / 'mine' / 'results.json')
+    with pytest.raises(UserError, match=r'no checkpoint in \S+, but in its subfolders .*: give one, e.g. \S+run'):
+        E.main([str(tmp_path)])                                           # like the folder of an 'each' run
     with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of toy_method: noise'):
         E.main([ckpt, '--width', '4'])
     with pytest.raises(UserError, match='unknown option --S'):
         E.main([ckpt, '--S', '3'])
-    with pytest.raises(UserError, match=r'--eval evaluates \S+ as trained \(noise 0.0\); for other inference keys '
+    with pytest.raises(UserError, match=r'--eval evaluates \S+ as trained \(noise 0.0\); for other data or inference keys '
                                         r'run: python eval.py \S+ckpt.pt --noise 0.2'):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--noise', '0.2'])
+    with pytest.raises(UserError, match=r"as trained \(data_root 'data/synthetic'\); .* python eval.py \S+ --data_root x"):
+        toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--data_root', 'x'])  # not over its results
     with pytest.raises(UserError, match=r'as trained \(eval_size 128\); only inference keys may differ \(noise\)'):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--eval_size', '64'])
     with pytest.raises(UserError, match=r'ckpt.pt exists: --resume continues it, --eval evaluates it'):
@@ -310,6 +322,7 @@ def test_a_multi_class_model_keeps_the_categories_it_was_trained_on(tmp_path):
     test = common.load_dataset(dict(cfg, categories=['grain', 'weave']), 'test')
     assert test.categories == ['grain', 'weave'] and test.cls[test.paths.index(next(
         p for p in test.paths if p.startswith('weave')))] == 1
+    assert set(E.baselines(dict(cfg, categories=['grain']))['mean']['metrics']) == {'grain', 'mean'}   # same set
     img = tmp_path / 'one.png'
     Image.fromarray(test.images[0].numpy().transpose(1, 2, 0)).save(img)
     with mock.patch.object(common, 'categories', side_effect=AssertionError('the dataset was listed')):
