@@ -244,9 +244,9 @@ def evaluate_checkpoint(path, argv):
     overrides = common._parse_argv(argv, {**ckpt['config'], 'heatmaps': 0})   # load() refuses non-inference keys
     heatmaps, out_dir = overrides.pop('heatmaps', 0), overrides.pop('out_dir', '')
     model, ckpt = _load(path, overrides, overrides.get('device'), ckpt)
-    # any override gets its own folder, never the run's results (unless --out_dir names one)
-    tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in overrides.items()))
-    out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')
+    named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}), **overrides}   # mid-run or
+    tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in named.items()))   # overridden: its own
+    out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # folder, not the run's
     return evaluate(model, common.load_dataset(model.cfg, 'test'), out_dir, heatmaps,
                     ckpt.get('train_seconds', float('nan')), train_versions=ckpt.get('versions'))
 

@@ -145,9 +145,15 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     assert open(os.path.join(out, 'results.json')).read() == own and 'trained_with' in r['versions']
     E.main([out, '--batch_size', '6', '--data_root', 'x/y'])   # a run folder; a path value: one folder
     assert os.path.isfile(os.path.join(out, 'eval_batch_size6_data_rootx-y', 'results.json'))
+    mid = tmp_path / 'mid'                                                 # saved mid-run: its own folder
+    shutil.copytree(out, mid)
+    torch.save(dict(torch.load(mid / 'ckpt.pt', weights_only=True), final=False, step=3), mid / 'ckpt.pt')
+    with pytest.warns(UserWarning, match='before training ended'):
+        E.main([str(mid)])
+    assert os.path.isfile(mid / 'eval_step3' / 'results.json')
     E.main([out, '--out_dir', str(tmp_path / 'mine')])                     # where the user says
     assert os.path.isfile(tmp_path / 'mine' / 'results.json')
-    with pytest.raises(UserError, match=r'no checkpoint in \S+, but in its subfolders .*: give one, e.g. \S+run'):
+    with pytest.raises(UserError, match=r'no checkpoint in \S+, but in its subfolders .*: give one, e.g. \S+(mid|run)'):
         E.main([str(tmp_path)])                                           # like the folder of an 'each' run
     with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of toy_method: noise'):
         E.main([ckpt, '--width', '4'])
