@@ -151,6 +151,8 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     with pytest.warns(UserWarning, match='before training ended'):
         E.main([str(mid)])
     assert os.path.isfile(mid / 'eval_step3' / 'results.json')
+    with pytest.raises(UserError, match='saved at step 3, before training ended: finish it with --resume, or'):
+        toy_method.main(['--out_dir', str(mid), '--category', 'capsule', '--eval'])
     E.main([out, '--out_dir', str(tmp_path / 'mine')])                     # where the user says
     assert os.path.isfile(tmp_path / 'mine' / 'results.json')
     with pytest.raises(UserError, match=r'no checkpoint in \S+, but in its subfolders .*: give one, e.g. \S+(mid|run)'):
