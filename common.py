@@ -325,10 +325,11 @@ def run(cfg, train, Model):
             if each and c['resume'] and not c['eval']:
                 c, done = _resume_each(c, cfg['out_dir'], cats)
             if done is None and c['eval'] and not c['train']:
-                model, ckpt = load(path, Model, device=c['device'])
-                if ckpt.get('final') is False:      # the run's results come from its finished model only
+                ckpt = read_checkpoint(path)        # the run's results come from its finished model only
+                if ckpt.get('final') is False:      # (refused here, before load() would warn about it)
                     raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
                                     f'with --resume, or evaluate it as it is with python eval.py {path}')
+                model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
                 changed = {k: c[k] for k in c.get('cli_keys', ())   # typed keys: never ignored silently, nor
                            if (k not in RUNTIME_KEYS + RESUME_KEYS or k == 'data_root')   # evaluated into the
                            and c[k] != ckpt['config'].get(k)}                          # run's results

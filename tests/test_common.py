@@ -603,8 +603,9 @@ def test_load_pretrained_from_file_checks_keys_and_records_sha(tmp_path):
 
 
 def test_load_pretrained_finds_timm_default_weights_in_the_cache(tmp_path, monkeypatch):
-    """'timm' looks up the Hugging Face cache under the name timm.create_model(name, pretrained=True)
-    downloads to: a bare architecture (resnet18) means its default tag (resnet18.a1_in1k)."""
+    """'timm' looks in the local Hugging Face cache (here a temporary folder; nothing is fetched) under
+    the name timm stores a model's default weights: a bare architecture (resnet18) means its default
+    tag (resnet18.a1_in1k)."""
     from huggingface_hub import constants
     from safetensors.torch import save_file
     src = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
