@@ -394,6 +394,9 @@ class Model(nn.Module):
     @torch.no_grad()
     def calibrate(self, z_val):
         """Store min/max of NLL and spatial score over the validation features for every S."""
+        if len(z_val) < 5:      # one image gives max = min: val-normalised scores of ~1e8
+            common.print0(f'warning: the validation split has {len(z_val)} image(s), too few for the min/max '
+                          'that --score_norm val and --predict normalise by; raise --val_frac or add images')
         for row, S in enumerate(S_RANGE):
             nll, sp = map(torch.cat, zip(*[latent_scores(self.invert(z.to(self.abar.device), S))[:2]
                                            for z in z_val.split(64)]))
@@ -474,6 +477,8 @@ def train(cfg):
     """Train eps_theta on cached features with Eq. 9 (gamma = 1); returns (model, train_seconds)."""
     cfg, (rank, _), resume, t0 = dict(cfg), common.rank_world(), cfg['resume'], time.time()
     inversion_timesteps(cfg['S'], cfg['T'])                                    # fail early on a bad --S
+    if cfg['warmup_epochs'] >= cfg['epochs']:                                 # ... and a warm-up that never ends
+        raise UserError(f"--warmup_epochs {cfg['warmup_epochs']} must be fewer than --epochs {cfg['epochs']}")
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if resume:                                   # the run keeps the checkpoint's config (common.resume)
         model, ckpt = common.resume(cfg, Model)
@@ -485,8 +490,6 @@ def train(cfg):
     common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
     per_epoch = math.ceil(len(z_train) / cfg['batch_size'])
     total, warmup = cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch
-    if warmup >= total:
-        raise UserError(f"--warmup_epochs {cfg['warmup_epochs']} must be fewer than --epochs {cfg['epochs']}")
     ema = copy.deepcopy(model.unet).requires_grad_(False)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['init_lr'], weight_decay=cfg['weight_decay'])
     if resume:

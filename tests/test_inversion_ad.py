@@ -2,6 +2,7 @@
 normalisations, BatchNorm recalibration, save/load in a fresh process, exact resume, CLI errors.
 CPU, offline, seeded; a tiny model (the weight-free pixels backbone, 32 px images, a 4x4 feature grid)
 keeps the file fast; the EfficientNet-B4 features themselves are checked in the BatchNorm test."""
+import copy
 import os
 import subprocess
 import sys
@@ -232,7 +233,16 @@ def test_checkpoint_saved_before_calibration_cannot_score_with_val_statistics(tm
     np.testing.assert_allclose(model.postprocess(dict(outs))['score'], [0.0, 2.0], atol=1e-7)
 
 
-def test_cli_errors(tmp_path):
+def test_calibration_on_too_few_validation_images_warns(trained, capsys):
+    model = copy.deepcopy(trained[0])
+    z_val = model.features(trained[1]['image'][:4])
+    model.calibrate(z_val)
+    assert 'the validation split has 4 image(s), too few' in capsys.readouterr().out
+    model.calibrate(torch.cat([z_val, z_val]))
+    assert capsys.readouterr().out == ''
+
+
+def test_cli_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='2..10'):
         ia.train(tiny_cfg(tmp_path, '--S', '11'))
     with pytest.raises(common.UserError, match='S'):
@@ -244,7 +254,8 @@ def test_cli_errors(tmp_path):
                            (['--score_norm', 'vall'], 'test or val')):
         with pytest.raises(common.UserError, match=message):             # at once, not at the first step
             ia.Model(tiny_cfg(tmp_path, *flags))
-    with pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):
+    with monkeypatch.context() as m, pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):
+        m.setattr(common, 'load_dataset', None)                      # before any data is read
         ia.train(tiny_cfg(tmp_path, '--warmup_epochs', '1'))
     with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):
         ia.train(tiny_cfg(tmp_path, '--backbone_weights', 'timm'))   # not silently ignored
