@@ -474,7 +474,9 @@ class Model(nn.Module):
         try:
             self.backbone = timm.create_model(cfg['backbone'], pretrained=False, features_only=True,
                                               out_indices=cfg['layers']).eval().requires_grad_(False)
-        except (RuntimeError, IndexError) as e:       # an unknown timm name, or stages it does not have
+            with torch.no_grad():       # a dry run: a ViT, say, takes only the input size it was built for
+                self.backbone(torch.zeros(1, 3, cfg['image_size'], cfg['image_size']))
+        except (RuntimeError, IndexError, AssertionError) as e:   # unknown name, missing stages, wrong input
             raise common.UserError(f"--backbone {cfg['backbone']} --layers {cfg['layers']}: {e} (layers are "
                                    'feature stages 0-4 of a timm CNN, e.g. resnet50 with 1,2,3)')
         self.register_buffer('scale', torch.tensor(1.0))    # latent scale, set at the end of stage 1

@@ -226,6 +226,8 @@ def test_cli_errors(tmp_path, monkeypatch):
         lasb.Model(micro_cfg(tmp_path, '--image_size', '36'))
     with pytest.raises(common.UserError, match=r'--backbone resnet18 --layers \(5,\): .*feature stages 0-4'):
         lasb.Model(micro_cfg(tmp_path, '--layers', '5'))
+    with pytest.raises(common.UserError, match=r"--backbone vit_tiny_patch16_224 .*doesn't match model"):
+        lasb.Model(micro_cfg(tmp_path, '--backbone', 'vit_tiny_patch16_224'))   # fixed input size: at once
     with pytest.raises(common.UserError, match='no checkpoint'):
         lasb.train(micro_cfg(tmp_path, '--resume'))
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 3))    # as if under torchrun with 3 ranks
