@@ -291,10 +291,10 @@ def compare(root):
 @torch.no_grad()
 def predict(ckpt, image_path, out='', category=''):
     """Score one image with a trained model; writes image | map overlay to out (.png). category
-    names the image's category for models trained on several (class-conditioned ones need it)."""
+    names the image's category for a class-conditioned model (DeCo-Diff --class_cond) trained on several."""
     model, _ = _load(ckpt)
     cats = list(model.cfg.get('categories') or common._categories_of(model.cfg))   # as trained; no data needed
-    if (category or len(cats) > 1) and category not in cats:
+    if (category or len(cats) > 1 and model.cfg.get('class_cond')) and category not in cats:
         raise UserError(f"name the image's category with --category: one of {', '.join(cats)}"
                         + (f' (not {category!r})' if category else ''))
     cls = torch.tensor([cats.index(category) if category else 0], device=_device(model))

@@ -185,10 +185,14 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     assert r['metrics']['capsule']['image_auroc'] == r['metrics']['capsule']['image_auroc']   # not NaN
 
 
-def test_predict_on_a_multi_class_model_needs_the_category(tmp_path):
+def test_predict_on_a_class_conditioned_multi_class_model_needs_the_category(tmp_path):
     ckpt = os.path.join(toy(tmp_path, '--steps', '2'), 'ckpt.pt')            # category all
     img = tmp_path / 'one.png'
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    assert np.isfinite(E.main(['--predict', ckpt, str(img), str(tmp_path / 'u.png')])[0])   # unconditional
+    c = torch.load(ckpt, weights_only=False)
+    c['config']['class_cond'] = True                                          # as DeCo-Diff --class_cond
+    torch.save(c, ckpt)
     with pytest.raises(UserError, match="name the image's category with --category: one of weave, grain"):
         E.main(['--predict', ckpt, str(img)])
     with pytest.raises(UserError, match='--category needs a value'):
