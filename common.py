@@ -122,6 +122,8 @@ def _parse_argv(argv, defaults):
         key = key.replace('-', '_')
         if key not in defaults and key.startswith('no_') and isinstance(defaults.get(key[3:]), bool):
             key, has_value, value = key[3:], True, 'false'
+        if key not in defaults and key in BASE_CONFIG:
+            raise UserError(f'--{key} is a shared option that this method does not use; see --help')
         if key not in defaults:
             close = difflib.get_close_matches(key, defaults, n=1)
             hint = f' (did you mean --{close[0]}?)' if close else ''
@@ -176,7 +178,7 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
     if cfg['batch_size'] < 1:
         raise UserError(f"--batch_size must be at least 1 (got {cfg['batch_size']})")
-    if cfg['dtd_root']:
+    if cfg.get('dtd_root'):
         _dtd_files(cfg['dtd_root'])      # a wrong folder fails now, not after a first training stage
     if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
         if cfg['data'] != 'synthetic' and not (cfg['eval'] or cfg['resume']):

@@ -141,6 +141,7 @@ config = dict(
     sigma_pix=3.0,              # Gaussian blur of the pixel term: pixels at 256 px (x image_size/256)
     sigma_lat=1.0,              # Gaussian blur of the latent term: latent px of a 32x32 latent (x size/32)
 )
+del config['backbone_weights']   # a shared key this method has no use for (its pretrained VAE: --vae_weights)
 PRESETS = {
     'paper': dict(),
     'tiny': dict(batch_size=16, image_size=128, vae='small', ae_channels=(16, 32, 64), ae_layers=1,

@@ -140,6 +140,7 @@ config = dict(
     beta=(0.2, 0.8),         # opacity range of Eq. 12
     foreground=False,        # restrict synthetic anomalies to an estimated object foreground
 )
+del config['backbone_weights']   # a shared key this method has no use for (no pretrained backbone)
 
 PRESETS = {
     'paper': dict(category='each', foreground=True),
