@@ -69,8 +69,7 @@ def baselines(cfg):
             train, test = common.load_dataset(c, 'train'), common.load_dataset(c, 'test')
             _BASELINES[key] = {kind: evaluate(Baseline(dict(c, kind=kind, method=f'baseline_{kind}', preset='-'),
                                                        train), test, quiet=True) for kind in ('mean', 'zscore')}
-    parts = [_BASELINES[keys[c]] for c in cats]
-    return {kind: merge([p[kind] for p in parts], cfg['category']) for kind in ('mean', 'zscore')}
+    return {kind: merge([_BASELINES[keys[c]][kind] for c in cats], cfg['category']) for kind in ('mean', 'zscore')}
 
 
 # -----------------------------------------------------------------------------
@@ -268,9 +267,8 @@ def compare(root):
         runs.setdefault((r['method'], r['data'], r['category'], preset, setting), []).append(r)
     if not runs:
         raise UserError(f'no results.json under {root}')
-    print(f"{'method / data / category / preset':<40}{'seeds':>6}" + ''.join(f'{n:>13}' for n in NAMES)
-          + f"{'ms/img':>9}{'params M':>10}{'train min':>10}  NFE")
-    rows = {}
+    rows, lines = {}, [('method / data / category / preset', f"{'seeds':>6}" + ''.join(f'{n:>13}' for n in NAMES)
+                        + f"{'ms/img':>9}{'params M':>10}{'train min':>10}  NFE")]
     for (method, data, cat, preset, setting), rs in sorted(runs.items()):
         others = [json.loads(k[4])[0] for k in runs if k[:4] == (method, data, cat, preset) and k[4] != setting]
         mine = json.loads(setting)[0]       # other configs of this preset: label by the keys that differ
@@ -282,9 +280,11 @@ def compare(root):
         seeds = len({r['seed'] for r in rs})
         flag = (' INCOMPLETE' if any(r.get('missing') for r in rs) else '') + (
             f' ({len(rs)} runs of {seeds} seeds)' if seeds < len(rs) else '')
-        print(f'{f"{method} / {data} / {cat} / {preset}":<40}{seeds:>6}{cells}'
-              f"{np.mean([r['ms_per_image'] for r in rs]):9.1f}{rs[0]['params']['total'] / 1e6:10.2f}"
-              f"{np.mean([r['train_seconds'] for r in rs]) / 60:10.1f}  {rs[0]['nfe']}{flag}")
+        lines.append((f'{method} / {data} / {cat} / {preset}', f'{seeds:>6}{cells}'
+                      f"{np.mean([r['ms_per_image'] for r in rs]):9.1f}{rs[0]['params']['total'] / 1e6:10.2f}"
+                      f"{np.mean([r['train_seconds'] for r in rs]) / 60:10.1f}  {rs[0]['nfe']}{flag}"))
+    width = max([40] + [len(label) + 2 for label, _ in lines])     # long labels (a preset's keys) stay aligned
+    print('\n'.join(f'{label:<{width}}{rest}' for label, rest in lines))
     return rows
 
 
