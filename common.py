@@ -580,29 +580,41 @@ def _list_mvtec(root, cat, split, good, masks_required):
                 records.append((f, 0, None))
                 continue
             stem = os.path.splitext(os.path.basename(f))[0]
-            found = [m for m in glob.glob(os.path.join(glob.escape(os.path.join(root, cat, 'ground_truth', kind)),
-                                                       glob.escape(stem) + '*'))
-                     if os.path.splitext(os.path.basename(m))[0] in (stem, stem + '_mask')]
-            if has_gt and not found:
-                raise UserError(f'image/mask mismatch: {f} has no mask {stem}_mask.png or {stem}.png in '
-                                f"{os.path.join(root, cat, 'ground_truth', kind)}")
+            gt = os.path.join(root, cat, 'ground_truth', kind)
+            found = [m for m in glob.glob(os.path.join(glob.escape(gt), glob.escape(stem) + '*')) if m.lower().endswith(
+                IMAGE_EXT) and os.path.splitext(os.path.basename(m))[0] in (stem, stem + '_mask')]
+            if has_gt and len(found) != 1:
+                raise UserError(f'image/mask mismatch: {f} has ' + (f"{len(found)} masks: {', '.join(found)}" if found
+                                                                    else f'no mask {stem}_mask.png or {stem}.png in {gt}'))
             records.append((f, 1, found[0] if found else None))
     return records
 
 
 def _list_visa_raw(root, cat, split):
-    with open(os.path.join(root, 'split_csv', '1cls.csv'), newline='') as f:
-        rows = [r for r in csv.DictReader(f) if r['object'] == cat and r['split'] == split]
+    path = os.path.join(root, 'split_csv', '1cls.csv')
+    with open(path, newline='', encoding='utf-8-sig') as f:      # -sig: a csv re-saved by a spreadsheet
+        table = csv.DictReader(f)
+        if not {'object', 'split', 'label', 'image', 'mask'} <= set(table.fieldnames or ()):
+            raise UserError(f'{path} needs the columns object,split,label,image,mask (has {table.fieldnames})')
+        rows = [r for r in table if r['object'] == cat and r['split'] == split]
     if not rows:
-        raise UserError(f'no {split} rows for {cat} in {root}/split_csv/1cls.csv')
-    return [(os.path.join(root, r['image']), int(r['label'] != 'normal'),
-             os.path.join(root, r['mask']) if r['mask'] else None) for r in rows]
+        raise UserError(f'no {split} rows for {cat} in {path}')
+    records = [(os.path.join(root, r['image']), int(r['label'] != 'normal'),
+                os.path.join(root, r['mask']) if r['mask'] else None) for r in rows]
+    missing = [f for r in records for f in (r[0], r[2]) if f and not os.path.isfile(f)]
+    if missing:       # found now (check_data), not when the test set is read after training
+        raise UserError(f'{len(missing)} files listed in {path} are missing, e.g. {missing[0]}')
+    return records
 
 
 def _list(data, root, cat, split):
     if data == 'visa' and os.path.isfile(os.path.join(root, 'split_csv', '1cls.csv')):
         return _list_visa_raw(root, cat, split)
     if data != 'folder' and not os.path.isdir(os.path.join(root, cat)):
+        have = [c for c in categories(data) if os.path.isdir(os.path.join(root, c))]
+        if have:          # a partial copy: say what is there
+            raise UserError(f"{root} has no {cat} folder, only {len(have)} of the {len(categories(data))} {data} "
+                            f"categories ({', '.join(have)}): extract {cat} there, or pick one with --category")
         raise UserError(f'{root} has no {cat} folder, so it is not {data}: {WHERE[data]}; for another '
                         'MVTec-like dataset use --data folder')
     good = 'ok' if data == 'btad' else 'good'
@@ -615,16 +627,19 @@ MASK_RULE = 'nearest resize; mask > 0.5 (8-bit > 127; masks whose values are all
 def _read(src, size, mask=False):
     """An image file or an in-memory uint8 array -> (3,size,size) RGB uint8 (bilinear), or a
     (1,size,size) {0,1} mask by MASK_RULE, over the max of the colour channels (RGB masks; VisA's
-    class-id masks hold small ids, so > 0). 16-bit images are scaled to 8 bits, not clipped."""
+    class-id masks hold small ids, so > 0). 16-bit images are scaled to 8 bits, not clipped. A
+    camera's EXIF orientation is applied (the image as viewed, which is where masks are drawn)."""
     try:
         im = Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)
+        ImageOps.exif_transpose(im, in_place=True)
         if mask:
             a = np.asarray(im.resize((size, size), Image.NEAREST))
             a = (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a   # ignore alpha
             return (a > (127 if a.max() >= 128 else 0)).astype(np.uint8)[None]
         if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale
             a = np.asarray(im, np.float64)
-            a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a * 255 if a.max() <= 1 else a
+            bits16 = im.mode.startswith('I;16') or im.format == 'PNG' or a.max() > 255   # Pillow < 10.3 opens
+            a = a / 257 if bits16 else a * 255 if a.max() <= 1 else a                  # 16-bit PNGs as 'I'
             im = Image.fromarray(np.uint8(np.clip(np.round(a), 0, 255)))
         im = im.convert('RGB').resize((size, size), Image.BILINEAR)
     except (OSError, ValueError) as e:
@@ -711,7 +726,31 @@ def _load_category(cfg, cat, ci, split):
         images = np.stack(list(pool.map(lambda r: _read(r[0], size), records)))
         masks = np.stack(list(pool.map(lambda r: empty if r[2] is None else _read(r[2], msize, True), records)))
     labels = np.array([r[1] for r in records])
+    if split == 'test':
+        _check_masks(cat, records, masks)
     return images, masks, labels, np.full(len(records), ci), paths, any(r[2] is not None for r in records)
+
+
+def _shape(path):
+    """(width, height) of an image file as viewed (EXIF orientation applied), without decoding it."""
+    with Image.open(path) as im:
+        return im.size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size
+
+
+def _check_masks(cat, records, masks):
+    """Refuse a mask shaped unlike its image (it would be stretched onto it); warn when masks of
+    anomalous images decode empty or nearly full (a format read wrong: a defect kept only in alpha,
+    an inverted palette), or vanish at the protocol size (defects under a pixel there)."""
+    for image, _, mask in records:
+        if isinstance(mask, str):
+            (w, h), (mw, mh) = _shape(image), _shape(mask)
+            if abs(w * mh - h * mw) > 0.01 * w * mh:
+                raise UserError(f'the mask {mask} is {mw}x{mh} but its image {image} is {w}x{h}')
+    cover = masks.reshape(len(masks), -1).mean(1)
+    odd = [r[2] for r, c in zip(records, cover) if r[1] and r[2] is not None and not 0 < c < 0.9]
+    if odd:
+        warnings.warn(f'{len(odd)} masks of anomalous {cat} images are empty or cover > 90% of the image at '
+                      f'{masks.shape[-1]} px, e.g. {odd[0]}: check their format ({MASK_RULE})')
 
 
 class _Keyed(torch.utils.data.Dataset):

@@ -200,6 +200,43 @@ def test_mask_files_in_any_mode_are_binarised(tmp_path):
     assert common._read(soft, 20, mask=True).sum() == 25
 
 
+def test_masks_are_checked_against_their_images(tmp_path):
+    root = mvtec_tree(tmp_path / 'mvtec', cats=('bottle',))
+    gt = root / 'bottle' / 'ground_truth' / 'crack'
+    _mask(f'{gt}/000.png')
+    with pytest.raises(UserError, match='000.png has 2 masks: '):               # which one is meant?
+        common.load_dataset(_cfg('folder', root), 'test')
+    os.remove(gt / '000.png')
+    _mask(f'{gt}/000_mask.png', size=(60, 60))                                # 40x30 image: would be stretched
+    with pytest.raises(UserError, match='the mask .*000_mask.png is 60x60 but its image .*000.png is 40x30'):
+        common.load_dataset(_cfg('folder', root), 'test')
+    _mask(f'{gt}/000_mask.png', size=(80, 60))                                # the same shape, finer: fine
+    common.load_dataset(_cfg('folder', root), 'test')
+    _mask(f'{gt}/000_mask.png', value=0)                                      # e.g. the defect only in alpha
+    with pytest.warns(UserWarning, match='1 masks of anomalous bottle images are empty or cover > 90%'):
+        common.load_dataset(_cfg('folder', root), 'test')
+
+
+def test_images_are_read_as_viewed_and_16_bit_pngs_scaled_on_any_pillow(tmp_path, monkeypatch):
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = 200                                                          # bright left half, as stored
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6                                                         # a camera's "rotate 90 CW to view"
+    im.save(tmp_path / 'rot.jpg', exif=exif, quality=95)
+    x = common._read(str(tmp_path / 'rot.jpg'), 20)
+    assert x[0, :8].mean() > 150 and x[0, 12:].mean() < 50                   # viewed: bright top half
+    Image.fromarray(np.full((8, 8), 136, np.uint16)).save(tmp_path / 'dark16.png')   # 136 of 65535: nearly black
+    opened = Image.open
+
+    def open_as_pillow_10_2(f):                                              # 16-bit greyscale PNG -> mode 'I'
+        im = opened(f).convert('I')
+        im.format = 'PNG'
+        return im
+    monkeypatch.setattr(Image, 'open', open_as_pillow_10_2)
+    assert common._read(str(tmp_path / 'dark16.png'), 8).max() == 1           # 136 / 257, not read as 8-bit 136
+
+
 def test_folder_without_masks_gives_image_metrics_only(tmp_path):
     root = mvtec_tree(tmp_path / 'mpdd', cats=('bottle',))
     os.rename(root / 'bottle' / 'ground_truth', root / 'bottle' / 'gt_elsewhere')
@@ -236,6 +273,15 @@ def test_visa_raw_and_prepared_loaders(tmp_path):
         'candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n')
     test = common.load_dataset(_cfg('visa', raw, 'candle'), 'test')
     assert test.labels.tolist() == [0, 1] and set(test.masks[1].unique().tolist()) == {0, 1}
+    csv_path = raw / 'split_csv' / '1cls.csv'
+    csv_path.write_bytes(b'\xef\xbb\xbf' + csv_path.read_bytes())             # re-saved by a spreadsheet: a BOM
+    assert common.load_dataset(_cfg('visa', raw, 'candle'), 'test').labels.tolist() == [0, 1]
+    os.remove(raw / 'candle/Data/Masks/Anomaly/000.png')
+    with pytest.raises(UserError, match=r'1 files listed in .*1cls.csv are missing, e.g. .*Anomaly/000.png'):
+        common.check_data(_cfg('visa', raw, 'candle'))                        # before training, not after
+    csv_path.write_text('object;split;label;image;mask\n')
+    with pytest.raises(UserError, match='needs the columns object,split,label,image,mask'):
+        common.check_data(_cfg('visa', raw, 'candle'))
     prepared = tmp_path / 'visa_1cls'
     _img(f'{prepared}/candle/train/good/0000.JPG')
     _img(f'{prepared}/candle/test/good/0001.JPG')
@@ -253,8 +299,11 @@ def test_loader_errors(tmp_path):
         common.load_dataset(_cfg('folder', root, 'botle'), 'test')
     with pytest.raises(UserError, match="unknown data 'mvtech'"):
         common.load_dataset(_cfg('mvtech', root), 'test')
-    with pytest.raises(UserError, match='has no cable folder, so it is not mvtec: .*use --data folder'):
-        common.load_dataset(_cfg('mvtec', root, 'cable'), 'test')
+    with pytest.raises(UserError, match=r'has no cable folder, only 1 of the 15 mvtec categories \(bottle\): extract'):
+        common.load_dataset(_cfg('mvtec', root, 'cable'), 'test')               # a partial copy
+    _img(f'{tmp_path}/other/widget/train/good/000.png')
+    with pytest.raises(UserError, match='has no bottle folder, so it is not mvtec: .*use --data folder'):
+        common.load_dataset(_cfg('mvtec', tmp_path / 'other', 'bottle'), 'test')
     with pytest.raises(UserError, match='no category folders .* pass its parent as --data_root and --category bottle'):
         common.load_dataset(_cfg('folder', root / 'bottle', 'all'), 'test')       # one category's folder
     os.remove(root / 'bottle' / 'ground_truth' / 'crack' / '000_mask.png')
