@@ -618,6 +618,9 @@ def _list(data, root, cat, split):
         raise UserError(f'{root} has no {cat} folder, so it is not {data}: {WHERE[data]}; for another '
                         'MVTec-like dataset use --data folder')
     good = 'ok' if data == 'btad' else 'good'
+    if data == 'folder' and not os.path.isdir(os.path.join(root, cat, 'train', good)) and os.path.isdir(
+            os.path.join(root, cat, 'train', 'ok')):
+        raise UserError(f"{os.path.join(root, cat, 'train')} has ok/, not good/: for BTAD use --data btad")
     return _list_mvtec(root, cat, split, good, masks_required=data != 'folder')
 
 

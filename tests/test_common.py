@@ -257,6 +257,8 @@ def test_btad_loader(tmp_path):
     _mask(f'{root}/01/ground_truth/ko/0001.png')
     test = common.load_dataset(_cfg('btad', root, '01'), 'test')
     assert test.labels.tolist() == [1, 0] and test.masks[0].sum() > 0
+    with pytest.raises(UserError, match='has ok/, not good/: for BTAD use --data btad'):
+        common.check_data(_cfg('folder', root))
 
 
 def test_visa_raw_and_prepared_loaders(tmp_path):
