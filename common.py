@@ -15,6 +15,7 @@ import difflib
 import functools
 import glob
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -337,8 +338,9 @@ def run(cfg, train, Model):
                            and c[k] != ckpt['config'].get(k)}                          # run's results
                 if changed:
                     trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
-                    hint = f"only inference keys may differ ({', '.join(Model.INFER_KEYS) or 'none'})"
-                    if set(changed) <= set(Model.INFER_KEYS) | {'data_root'}:
+                    infer = getattr(Model, 'INFER_KEYS', ())              # a method may have none
+                    hint = f"only inference keys may differ ({', '.join(infer) or 'none'})"
+                    if set(changed) <= set(infer) | {'data_root'}:
                         hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
                             f' --{k} {v}' for k, v in changed.items())
                     raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
@@ -383,6 +385,27 @@ def _resume_each(c, root, cats):
 
 def method_of(Model):
     return os.path.splitext(os.path.basename(sys.modules[Model.__module__].__file__))[0]
+
+
+def import_method(name):
+    """The module of a method file by name: one of METHODS, or a copy or a new method file beside
+    common.py or on PYTHONPATH (how eval.py finds the method a checkpoint names)."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"cannot import the method {name!r} ({e}): its file must sit beside common.py or on "
+                        f"PYTHONPATH; this project's methods: {', '.join(METHODS)}")
+    if not hasattr(module, 'Model'):
+        raise UserError(f'{name!r} is not a method file: it defines no Model')
+    return module
+
+
+def saved_config(ckpt, Model):
+    """The checkpoint's config over the method's current defaults and preset, so that a key added to
+    the method file after the checkpoint was saved takes its default instead of a KeyError."""
+    module, preset = sys.modules[Model.__module__], ckpt['config'].get('preset')
+    base = {**module.config, **module.PRESETS.get(preset, {})} if hasattr(module, 'config') else {}
+    return {**base, **ckpt['config']}
 
 
 def save(path, model, **state):
@@ -445,11 +468,12 @@ def load(path, Model, overrides=None, device='cpu', ckpt=None):
     if ckpt.get('final') is False:   # saved mid-run (checkpoints older than this key say nothing)
         warnings.warn(f"{path} was saved at step {ckpt.get('step')}, before training ended: its numbers are "
                       "those of an unfinished model (finish the run with --resume)")
+    infer = tuple(getattr(Model, 'INFER_KEYS', ()))         # a method may have none
     for key in overrides or {}:
-        if key not in tuple(Model.INFER_KEYS) + RUNTIME_KEYS:
+        if key not in infer + RUNTIME_KEYS:
             raise UserError(f'--{key} cannot change without retraining; inference keys of '
-                            f"{method_of(Model)}: {', '.join(Model.INFER_KEYS) or 'none'}")
-    cfg = {**ckpt['config'], **(overrides or {}), 'device': device}
+                            f"{method_of(Model)}: {', '.join(infer) or 'none'}")
+    cfg = {**saved_config(ckpt, Model), **(overrides or {}), 'device': device}
     return _restore(path, Model, cfg, ckpt).eval(), ckpt
 
 
@@ -460,7 +484,7 @@ def resume(cfg, Model):
     picked here and the out_dir the checkpoint was found in (RESUME_KEYS) always apply."""
     path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     ckpt = read_checkpoint(path)
-    saved, given = ckpt['config'], _given(cfg)
+    saved, given = saved_config(ckpt, Model), _given(cfg)
     changed = [k for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
     for key in changed:
         print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
@@ -480,6 +504,9 @@ def _restore(path, Model, cfg, ckpt):
     method = method_of(Model)
     if ckpt['method'] != method:
         raise UserError(f"{path} is a {ckpt['method']} checkpoint; use {ckpt['method']}.py, not {method}.py")
+    new = sorted(set(cfg) - set(ckpt['config']) - set(RUNTIME_KEYS))     # see saved_config
+    if new:
+        print0(f"note: {path} predates {', '.join('--' + k for k in new)}: their current defaults are used")
     model = Model(cfg)
     try:
         missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
@@ -502,8 +529,8 @@ def versions():   # once per process: every checkpoint save would otherwise run 
     def git(*args):
         return subprocess.run(['git', *args], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    try:   # '-dirty': tracked files differ from that commit
-        dirty = git('status', '--porcelain', '--untracked-files=no')
+    try:   # '-dirty': files differ from that commit or are not in it (a copied method file, say)
+        dirty = git('status', '--porcelain')
         commit = git('rev-parse', 'HEAD') + ('-dirty' if dirty else '')
     except OSError:
         commit = ''

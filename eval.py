@@ -16,7 +16,6 @@ MVTec AD one (limit 0.3). mAD = mean of the seven. Times are the forward pass (p
 """
 import glob
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -99,7 +98,12 @@ def _infer(model, dataset, batch_size, size, timer):
         if timer['n'] == 0:
             model.predict(x)                      # warm-up (cudnn autotune, lazy init): not timed
         out, seconds = _timed(device, model.predict, x)
-        timer['s'], timer['n'], timer['nfe'] = timer['s'] + seconds, timer['n'] + len(x['path']), out.get('nfe', {})
+        n, m = len(x['path']), out.get('map')            # the contract (else: wrong metrics, no error)
+        if not (torch.is_tensor(m) and m.ndim == 3 and len(m) == n and all(
+                torch.is_tensor(v) and v.shape == (n,) for v in [out.get('score'), *out.get('scores', {}).values()])):
+            raise UserError(f"{model.cfg['method']}.predict must return tensors map (B,H,W), score (B,) and scores "
+                            f"{{name: (B,)}}; for B = {n}: { {k: getattr(v, 'shape', type(v)) for k, v in out.items()} }")
+        timer['s'], timer['n'], timer['nfe'] = timer['s'] + seconds, timer['n'] + n, out.get('nfe', {})
         m = F.interpolate(out['map'][:, None].float(), size=(size, size), mode='bilinear', align_corners=False)
         outs['map'].append(m[:, 0].cpu().numpy())
         outs['score'].append(out['score'].double().cpu().numpy())
@@ -196,8 +200,7 @@ def print_table(r, base=None):
 
 def _jet(v):
     """v in [0,1] (H,W) -> (H,W,3) uint8 jet colours."""
-    return np.uint8(255 * np.clip(np.stack([1.5 - np.abs(4 * v - 3), 1.5 - np.abs(4 * v - 2),
-                                            1.5 - np.abs(4 * v - 1)], -1), 0, 1))
+    return np.uint8(255 * np.clip(np.stack([1.5 - np.abs(4 * v - c) for c in (3, 2, 1)], -1), 0, 1))
 
 
 def _panel(image, mask, amap, lo, hi, recon=None):
@@ -231,16 +234,15 @@ def write_heatmaps(folder, dataset, outs, n):
 def _load(path, overrides=None, device=None, ckpt=None):
     """A checkpoint of any method: the method file is named in the checkpoint itself."""
     ckpt = ckpt or common.read_checkpoint(path)
-    if ckpt['method'] not in common.METHODS:
-        raise UserError(f"{path} is a checkpoint of {ckpt['method']!r}, not of {', '.join(common.METHODS)}")
-    Model = importlib.import_module(ckpt['method']).Model
+    Model = common.import_method(ckpt['method']).Model            # a copied or new method file too
     return common.load(path, Model, overrides, device or common.pick_device(), ckpt)
 
 
 def evaluate_checkpoint(path, argv):
     ckpt = common.read_checkpoint(path)                            # read once: paper checkpoints are GBs
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path      # a run folder: its ckpt.pt
-    overrides = common._parse_argv(argv, {**ckpt['config'], 'heatmaps': 0})   # load() refuses non-inference keys
+    config = common.saved_config(ckpt, common.import_method(ckpt['method']).Model)
+    overrides = common._parse_argv(argv, {**config, 'heatmaps': 0})          # load() refuses non-inference keys
     heatmaps, out_dir = overrides.pop('heatmaps', 0), overrides.pop('out_dir', '')
     model, ckpt = _load(path, overrides, overrides.get('device'), ckpt)
     named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}), **overrides}   # mid-run or
@@ -272,7 +274,8 @@ def compare(root):
     for (method, data, cat, preset, setting), rs in sorted(runs.items()):
         others = [json.loads(k[4])[0] for k in runs if k[:4] == (method, data, cat, preset) and k[4] != setting]
         mine = json.loads(setting)[0]       # other configs of this preset: label by the keys that differ
-        diff = [f'{k}={mine[k]}' for k in sorted(mine) if any(o.get(k) != mine[k] for o in others)]
+        diff = [f"{k}={mine.get(k, '<absent>')}" for k in sorted(set(mine).union(*others))   # <absent>: a key
+                if any(o.get(k) != mine.get(k) for o in others)]                        # added since
         preset += (' ' + (' '.join(diff) or hashlib.sha1(setting.encode()).hexdigest()[:6])) if others else ''
         rows[method, data, cat, preset] = rs
         m = np.array([[r['metrics']['mean'][k] for k in METRICS + ('mad',)] for r in rs]) * 100
@@ -307,7 +310,7 @@ def predict(ckpt, image_path, out='', category=''):
                            amap.min(), amap.max())).save(out)
     score = float(o['score'][0])
     if not np.isfinite(score):   # e.g. InversionAD saved before its validation statistics exist
-        raise UserError(f'{ckpt} scores this image {score}: was it saved before its training finished?')
+        raise UserError(f'{ckpt} scores this image {score}: saved before its training finished, or a bug in its predict')
     print(f'{image_path}: score {score:.6g} ({model.cfg["method"]}; higher = more anomalous); '
           f'heatmap (colours scaled to this image) -> {out}')
     return score, amap
@@ -322,10 +325,7 @@ def bench(method, argv):
     from torch.utils.flop_counter import FlopCounterMode
     if method == 'metrics':
         return bench_metrics()
-    if method not in common.METHODS:
-        raise UserError(f"unknown method {method!r}; choose metrics, {', '.join(common.METHODS)}")
-    networks_only = '--networks_only' in argv
-    module = importlib.import_module(method)
+    networks_only, module = '--networks_only' in argv, common.import_method(method)
     cfg = common.get_config(module.config, module.PRESETS, [a for a in argv if a != '--networks_only'], module.__file__)
     model, device = module.Model(cfg).to(cfg['device']).eval(), torch.device(cfg['device'])
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}

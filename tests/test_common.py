@@ -572,6 +572,17 @@ class Tiny(torch.nn.Module):
         self.register_buffer('stat', torch.zeros(2))
 
 
+def test_versions_flag_a_file_the_commit_does_not_hold(tmp_path):
+    """A copied method file is not in the commit, so results it gives are not of that commit: '-dirty'."""
+    probe = os.path.join(ROOT, 'my_copied_method_probe.py')
+    open(probe, 'w').close()
+    try:
+        commit = common.versions.__wrapped__()['git']
+    finally:
+        os.remove(probe)
+    assert commit == 'unknown' or commit.endswith('-dirty')       # 'unknown': no git (a release archive)
+
+
 def test_save_is_atomic_and_load_restores_and_checks(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
     m = Tiny(dict(width=2, k=1, preset='tiny'))

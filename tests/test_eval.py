@@ -24,11 +24,6 @@ KEYS = ('method', 'data', 'category', 'preset', 'seed', 'config', 'protocol', 'v
         'extra', 'nfe', 'ms_per_image', 'train_seconds', 'params')
 
 
-@pytest.fixture(autouse=True)
-def toy_is_a_method(monkeypatch):
-    monkeypatch.setattr(common, 'METHODS', common.METHODS + ('toy_method',))
-
-
 def toy(tmp_path, *argv):
     out = str(tmp_path / 'run')
     toy_method.main(['--out_dir', out, *argv])
@@ -204,6 +199,49 @@ def test_predict_on_a_class_conditioned_multi_class_model_needs_the_category(tmp
     assert np.isfinite(E.main(['--predict', ckpt, str(img), str(tmp_path / 'h.png'), '--category', 'grain'])[0])
 
 
+def test_a_new_method_file_is_evaluated_and_its_old_checkpoints_take_new_keys_defaults(tmp_path, capsys):
+    """eval.py loads any method file a checkpoint names (toy_method is not one of common.METHODS, as a
+    researcher's copy is not); a key added to the method after the checkpoint was saved takes its
+    default, and may be overridden if it is an inference key."""
+    assert 'toy_method' not in common.METHODS
+    ckpt = os.path.join(toy(tmp_path, '--category', 'weave'), 'ckpt.pt')
+    c = torch.load(ckpt, weights_only=False)
+    del c['config']['noise']                                                  # saved before 'noise' existed
+    torch.save(c, ckpt)
+    plain = E.main([ckpt])
+    assert 'predates --noise: their current defaults are used' in capsys.readouterr().out
+    assert E.main([ckpt, '--noise', '0.1'])['config']['noise'] == 0.1
+    model, _ = E._load(ckpt)
+    del toy_method.Model.INFER_KEYS                                           # a method may have none
+    try:
+        assert E._load(ckpt)[0].cfg['noise'] == 0.0
+        with pytest.raises(UserError, match='--noise cannot change without retraining; inference keys of toy_method: none'):
+            E._load(ckpt, {'noise': 0.1})
+    finally:
+        toy_method.Model.INFER_KEYS = ('noise',)
+    assert plain['metrics']['weave'] == E.evaluate(model, common.load_dataset(model.cfg, 'test'), quiet=True)['metrics']['weave']
+    toy_method.main(['--out_dir', os.path.dirname(ckpt), '--resume', '--steps', '8'])   # and it resumes
+    assert common.read_checkpoint(ckpt)['config']['noise'] == 0.0 and common.read_checkpoint(ckpt)['step'] == 8
+
+
+@pytest.mark.parametrize('bad', ['short score', '(B,1) score', 'numpy score', '(B,1,H,W) map', 'short map',
+                                 'short extra score'])
+def test_predict_breaking_the_contract_is_an_error_not_wrong_metrics(tmp_path, bad):
+    model, _ = E._load(os.path.join(toy(tmp_path, '--category', 'weave', '--steps', '1'), 'ckpt.pt'))
+    predict = model.predict
+
+    def broken(batch):
+        out = predict(batch)
+        out['scores'] = dict(extra=out['score'][:-1] if bad == 'short extra score' else out['score'])
+        out['score'] = dict(zip(['short score', '(B,1) score', 'numpy score'], [out['score'][:-1], out['score'][:, None],
+                                                                               out['score'].numpy()])).get(bad, out['score'])
+        out['map'] = dict(zip(['(B,1,H,W) map', 'short map'], [out['map'][:, None], out['map'][:-1]])).get(bad, out['map'])
+        return out
+    model.predict = broken
+    with pytest.raises(UserError, match=r'toy_method.predict must return tensors map \(B,H,W\), score \(B,\)'):
+        E.evaluate(model, common.load_dataset(model.cfg, 'test'), quiet=True)
+
+
 def test_evaluation_is_batch_size_invariant_and_uses_only_image_cls_path(tmp_path):
     out = toy(tmp_path, '--category', 'grain')
     model, _ = common.load(os.path.join(out, 'ckpt.pt'), toy_method.Model, {'noise': 0.05})
@@ -267,6 +305,10 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     printed = capsys.readouterr().out                                        # labelled by what differs
     assert '(3 runs of 2 seeds)' in printed
     assert len({line.index('+-') for line in printed.splitlines()[1:]}) == 1   # columns aligned past long labels
+    os.makedirs(tmp_path / 'older')                    # saved before a key was added: labelled by it
+    json.dump(dict(r, config={k: v for k, v in r['config'].items() if k != 'noise'}),
+              open(tmp_path / 'older' / 'results.json', 'w'))
+    assert 'tiny noise=<absent> steps=6' in [k[3] for k in E.compare(str(tmp_path))]
     with pytest.raises(UserError, match='no results.json under'):
         E.compare(str(tmp_path / 'empty'))
 
@@ -280,7 +322,8 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
         if message:
             assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count('\n') == 1, p.stderr
         else:
-            assert p.returncode == 2 and "unknown method 'nomethod'" in p.stderr, p.stderr
+            assert p.returncode == 2 and "cannot import the method 'nomethod'" in p.stderr, p.stderr
+            assert p.stderr.count('\n') == 1 and 'lasb' in p.stderr
 
 
 @pytest.mark.parametrize('method', common.METHODS)
