@@ -404,7 +404,7 @@ def saved_config(ckpt, Model):
     """The checkpoint's config over the method's current defaults and preset, so that a key added to
     the method file after the checkpoint was saved takes its default instead of a KeyError."""
     module, preset = sys.modules[Model.__module__], ckpt['config'].get('preset')
-    base = {**module.config, **module.PRESETS.get(preset, {})} if hasattr(module, 'config') else {}
+    base = {**module.config, **getattr(module, 'PRESETS', {}).get(preset, {})} if hasattr(module, 'config') else {}
     return {**base, **ckpt['config']}
 
 
@@ -611,8 +611,8 @@ def _list_mvtec(root, cat, split, good, masks_required):
             found = [m for m in glob.glob(os.path.join(glob.escape(gt), glob.escape(stem) + '*')) if m.lower().endswith(
                 IMAGE_EXT) and os.path.splitext(os.path.basename(m))[0] in (stem, stem + '_mask')]
             if has_gt and len(found) != 1:
-                raise UserError(f'image/mask mismatch: {f} has ' + (f"{len(found)} masks: {', '.join(found)}" if found
-                                                                    else f'no mask {stem}_mask.png or {stem}.png in {gt}'))
+                what = f"{len(found)} masks: {', '.join(found)}" if found else f'no mask {stem}_mask.png or {stem}.png'
+                raise UserError(f'image/mask mismatch: {f} has {what} in {gt}')
             records.append((f, 1, found[0] if found else None))
     return records
 
