@@ -98,8 +98,8 @@ def _infer(model, dataset, batch_size, size, timer):
         if timer['n'] == 0:
             model.predict(x)                      # warm-up (cudnn autotune, lazy init): not timed
         out, seconds = _timed(device, model.predict, x)
-        n, m = len(x['path']), out.get('map')            # the contract (else: wrong metrics, no error)
-        if not (torch.is_tensor(m) and m.ndim == 3 and len(m) == n and all(
+        n, amap = len(x['path']), out.get('map')         # the contract (else: wrong metrics, no error)
+        if not (torch.is_tensor(amap) and amap.ndim == 3 and len(amap) == n and all(
                 torch.is_tensor(v) and v.shape == (n,) for v in [out.get('score'), *out.get('scores', {}).values()])):
             raise UserError(f"{model.cfg['method']}.predict must return tensors map (B,H,W), score (B,) and scores "
                             f"{{name: (B,)}}; for B = {n}: { {k: getattr(v, 'shape', type(v)) for k, v in out.items()} }")

@@ -185,7 +185,7 @@ def test_predict_on_a_class_conditioned_multi_class_model_needs_the_category(tmp
     img = tmp_path / 'one.png'
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
     assert np.isfinite(E.main(['--predict', ckpt, str(img), str(tmp_path / 'u.png')])[0])   # unconditional
-    c = torch.load(ckpt, weights_only=False)
+    c = common.read_checkpoint(ckpt)                                          # weights_only
     c['config']['class_cond'] = True                                          # as DeCo-Diff --class_cond
     torch.save(c, ckpt)
     with pytest.raises(UserError, match="name the image's category with --category: one of weave, grain"):
@@ -205,7 +205,7 @@ def test_a_new_method_file_is_evaluated_and_its_old_checkpoints_take_new_keys_de
     default, and may be overridden if it is an inference key."""
     assert 'toy_method' not in common.METHODS
     ckpt = os.path.join(toy(tmp_path, '--category', 'weave'), 'ckpt.pt')
-    c = torch.load(ckpt, weights_only=False)
+    c = common.read_checkpoint(ckpt)                                          # weights_only
     del c['config']['noise']                                                  # saved before 'noise' existed
     torch.save(c, ckpt)
     plain = E.main([ckpt])
@@ -221,7 +221,8 @@ def test_a_new_method_file_is_evaluated_and_its_old_checkpoints_take_new_keys_de
         toy_method.Model.INFER_KEYS = ('noise',)
     assert plain['metrics']['weave'] == E.evaluate(model, common.load_dataset(model.cfg, 'test'), quiet=True)['metrics']['weave']
     toy_method.main(['--out_dir', os.path.dirname(ckpt), '--resume', '--steps', '8'])   # and it resumes
-    assert common.read_checkpoint(ckpt)['config']['noise'] == 0.0 and common.read_checkpoint(ckpt)['step'] == 8
+    resumed = common.read_checkpoint(ckpt)
+    assert resumed['config']['noise'] == 0.0 and resumed['step'] == 8
 
 
 @pytest.mark.parametrize('bad', ['short score', '(B,1) score', 'numpy score', '(B,1,H,W) map', 'short map',
