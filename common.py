@@ -57,8 +57,8 @@ BASE_CONFIG = dict(
     out_dir='',             # '' = out/<method>_<data>_<category>_<preset>_s<seed>
     seed=0,                 # seeds init, data order, training noise, test noise and the validation split
     device='auto',          # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
-    dtype='float32',        # float32 | bfloat16 (autocast on CUDA; TF32 is always allowed there)
-    compile=False,          # torch.compile the networks (meant for GPUs; the first steps are slow)
+    dtype='float32',        # float32 | bfloat16 (autocast; TF32 is always allowed on CUDA)
+    compile=False,          # torch.compile the networks for training (meant for GPUs; the first steps are slow)
     batch_size=16,          # global training batch size, split over DDP ranks
     image_size=256,         # network input size in pixels (images are resized, not cropped)
     eval_size=0,            # size of maps and masks for the metrics; 0 = 128 on synthetic, 256 otherwise
@@ -235,10 +235,11 @@ def sample_noise(shape, seed, paths, device='cpu'):
 
 
 def autocast(device, dtype='float32'):
-    """bfloat16 autocast on CUDA when asked for; float32 everywhere else."""
-    if dtype == 'float32' or 'cuda' not in str(device):
+    """bfloat16 autocast when asked for, on the CPU too (so that what results.json records is what
+    ran); float32 otherwise."""
+    if dtype == 'float32':
         return nullcontext()
-    return torch.autocast('cuda', dtype=torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def rank_world():
@@ -327,6 +328,9 @@ def run(cfg, train, Model):
             trained_with, path, done = None, os.path.join(c['out_dir'], 'ckpt.pt'), None
             if each and c['resume'] and not c['eval']:
                 c, done = _resume_each(c, cfg['out_dir'], cats)
+            if done is None and c['resume'] and not c['eval'] and _finished(c, path):
+                print0(f'{path} has finished training: evaluating it, as --eval does')
+                c = dict(c, eval=True, train=False)
             if done is None and c['eval'] and not c['train']:
                 ckpt = read_checkpoint(path)        # the run's results come from its finished model only
                 if ckpt.get('final') is False:      # (refused here, before load() would warn about it)
@@ -358,18 +362,26 @@ def run(cfg, train, Model):
         dist_teardown()
 
 
+def _finished(c, path):
+    """path holds a finished model (not a mid-run checkpoint evaluated by hand) and nothing typed now
+    (--steps, say) would train it further: --resume then evaluates it, without re-saving it or
+    adding to its training time."""
+    if not os.path.isfile(path):
+        return False
+    saved = read_checkpoint(path, mmap=True)
+    new = [k for k in _given(c) - set(RESUME_KEYS + RUNTIME_KEYS) if c[k] != saved['config'].get(k)]
+    return saved.get('final') is not False and not new
+
+
 def _resume_each(c, root, cats):
     """--resume of an 'each' run, for one category: (c, results) if it had finished and nothing new is
     typed (kept as evaluated), else (c, None) to train: from its checkpoint, or, not reached before a
     kill, from the start with the options the run was started with (a sibling checkpoint's cli_keys)
     and the ones typed now."""
     done, path = os.path.join(c['out_dir'], 'results.json'), os.path.join(c['out_dir'], 'ckpt.pt')
-    if os.path.isfile(done) and os.path.isfile(path):
-        saved = read_checkpoint(path, mmap=True)       # final: not a mid-run checkpoint evaluated by hand
-        new = [k for k in _given(c) - set(RESUME_KEYS + RUNTIME_KEYS) if c[k] != saved['config'].get(k)]
-        if saved.get('final') is not False and not new:
-            print0(f"{c['category']}: finished; kept as it was")
-            return c, json.load(open(done))
+    if os.path.isfile(done) and _finished(c, path):
+        print0(f"{c['category']}: finished; kept as it was")
+        return c, json.load(open(done))
     siblings = [p for p in (os.path.join(root, k, 'ckpt.pt') for k in cats) if os.path.isfile(p)]
     if path in siblings or not siblings:      # killed in it (or finished, with keys typed now), or none yet
         return c, None

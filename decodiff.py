@@ -487,8 +487,9 @@ def forward_process(z0, t, m, noise, abar):
     return zt, eta
 
 
-def corrector_loss(model, batch, gen, cfg):
-    """Eq. 12 on one batch of cached posteriors: MSE between eta and eta_theta over all positions."""
+def corrector_loss(model, batch, gen, cfg, unet=None):
+    """Eq. 12 on one batch of cached posteriors: MSE between eta and eta_theta over all positions.
+    unet: model.unet compiled for training (--compile); by default model.unet itself."""
     dev, T = model.abar.device, cfg['T']
     mean, std, cls = batch['mean'].to(dev), batch['std'].to(dev), batch['cls'].to(dev)
     B, size = len(mean), mean.shape[-1]
@@ -501,7 +502,7 @@ def corrector_loss(model, batch, gen, cfg):
     noise = gauss * eps + (1 - gauss) * shuffle_patches(z0, p, gen)             # shuffled-patch noise
     zt, eta = forward_process(z0, t, m, noise, model.abar)
     with common.autocast(dev, cfg['dtype']):
-        pred = model.unet(zt, t, cls)
+        pred = (unet or model.unet)(zt, t, cls)
     return F.mse_loss(pred.float(), eta)
 
 
@@ -736,9 +737,10 @@ def train(cfg):
                   f"latent std {latents.std.mean().item() / latents.mean.std().item():.3f}")
     cfg['steps'], cfg['warmup_steps'] = corrector_schedule(cfg, len(data))
     model.unet.train()
+    loss = corrector_loss                 # --compile: training only (evaluation runs model.unet itself)
     if cfg['compile']:
-        model.unet.compile()                              # in place: state-dict keys are unchanged
-    fit(model, 'diffusion', list(model.unet.parameters()), corrector_loss, latents, cfg, run,
+        loss = functools.partial(corrector_loss, unet=torch.compile(model.unet))   # shares its weights
+    fit(model, 'diffusion', list(model.unet.parameters()), loss, latents, cfg, run,
         (cfg['steps'], cfg['lr'], cfg['min_lr'], cfg['warmup_steps']))   # the paper's schedule (Sec. 5.1)
     return model.eval(), run['seconds'] + time.time() - run['t0']
 

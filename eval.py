@@ -216,10 +216,11 @@ def _panel(image, mask, amap, lo, hi, recon=None):
 
 
 def write_heatmaps(folder, dataset, outs, n):
-    """n panels spread over the category, one colour scale for the whole category (so normal
-    images do not look anomalous just because their own map is stretched)."""
+    """n panels spread over the category, replacing those of an earlier evaluation."""
     os.makedirs(folder, exist_ok=True)
-    lo, hi, size = outs['map'].min(), outs['map'].max(), outs['map'].shape[-1]
+    for stale in glob.glob(os.path.join(folder, '*.png')):
+        os.remove(stale)
+    lo, hi, size = outs['map'].min(), outs['map'].max(), outs['map'].shape[-1]   # one colour scale per category
     for i in np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int)):
         image = F.interpolate(dataset[i]['image'][None], size=(size, size), mode='bilinear')[0]
         recon = outs['recon'][i].transpose(1, 2, 0) if outs['recon'] is not None else None
@@ -253,18 +254,18 @@ def evaluate_checkpoint(path, argv):
 
 
 def compare(root):
-    """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each
-    setting: method, data, category, preset, the config (but per-run and run-time keys) and protocol;
-    a preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
+    """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each setting:
+    method, data, category, preset, protocol and config (not per-run keys; batch size and dtype do count); a preset
+    with several is labelled by the keys that differ. 'each' members fold into their summary."""
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_source',
-                                                                     'backbone_record')
+                                                                     'backbone_record', 'compile')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
         if os.path.isfile(parent) and json.load(open(parent)).get('category') == 'each':
             continue
         r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
         preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '')   # a re-evaluation
-        cfg = {k: v for k, v in r['config'].items() if k not in per_run or k == 'data_root'}
+        cfg = {k: v for k, v in r['config'].items() if k not in per_run or k in ('data_root', 'batch_size', 'dtype')}
         setting = json.dumps([cfg, r['protocol']['eval_size'], r['protocol']['mask_rule']], sort_keys=True)
         runs.setdefault((r['method'], r['data'], r['category'], preset, setting), []).append(r)
     if not runs:
@@ -415,9 +416,8 @@ def run_baselines(argv):
     cfg = common.data_defaults({**defaults, **common._parse_argv(argv, defaults)})
     results = baselines(cfg)
     for kind, r in results.items():
-        out = os.path.join('out', f"baseline_{kind}_{cfg['data']}_{cfg['category']}_s{cfg['seed']}")
         print_table(r)
-        write_json(os.path.join(out, 'results.json'), r)
+        write_json(f"out/baseline_{kind}_{cfg['data']}_{cfg['category']}_s{cfg['seed']}/results.json", r)
     return results
 
 

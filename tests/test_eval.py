@@ -59,6 +59,9 @@ def test_train_evaluate_and_results_schema(tmp_path, capsys):
     assert all(0 <= m[k] <= 1 for k in common.METRICS) and m['mad'] == pytest.approx(np.mean([m[k] for k in common.METRICS]))
     pngs = sorted(os.listdir(os.path.join(out, 'heatmaps', 'weave')))
     assert len(pngs) == 2 and Image.open(os.path.join(out, 'heatmaps', 'weave', pngs[0])).size == (4 * 128, 128)
+    Image.new('RGB', (8, 8)).save(os.path.join(out, 'heatmaps', 'weave', 'earlier_model.png'))
+    E.main([out, '--heatmaps', '2'])                   # re-evaluated into the run folder: its panels only
+    assert sorted(os.listdir(os.path.join(out, 'heatmaps', 'weave'))) == pngs
     printed = capsys.readouterr().out
     assert 'baseline mean (mean)' in printed and 'baseline zscore (mean)' in printed
 
@@ -105,6 +108,21 @@ def test_resume_keeps_the_saved_config_and_the_keys_given(tmp_path, capsys):
     with pytest.raises(UserError, match='--width changed the network, which cannot change on --resume'):
         toy_method.main(['--out_dir', cut, '--width', '8', '--resume'])
     assert E.main([cut])['config']['lr'] == 0.05                       # eval.py takes a run folder too
+
+
+def test_resume_of_a_finished_run_evaluates_it_without_training_or_saving(tmp_path, capsys):
+    """Nothing to train: the run is evaluated as --eval does; the checkpoint and its training time
+    are kept (not re-saved with the clock of a 0-step run). A typed --steps still continues it."""
+    out = toy(tmp_path, '--category', 'weave', '--steps', '3')
+    ckpt = os.path.join(out, 'ckpt.pt')
+    saved, seconds = open(ckpt, 'rb').read(), common.read_checkpoint(ckpt)['train_seconds']
+    capsys.readouterr()
+    toy_method.main(['--out_dir', out, '--resume'])
+    assert 'has finished training: evaluating it, as --eval does' in capsys.readouterr().out
+    assert open(ckpt, 'rb').read() == saved
+    assert json.load(open(os.path.join(out, 'results.json')))['train_seconds'] == seconds
+    toy_method.main(['--out_dir', out, '--resume', '--steps', '4'])
+    assert common.read_checkpoint(ckpt)['step'] == 4
 
 
 def test_each_resumes_its_killed_category_and_trains_the_rest(tmp_path, capsys):
@@ -310,6 +328,11 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     json.dump(dict(r, config={k: v for k, v in r['config'].items() if k != 'noise'}),
               open(tmp_path / 'older' / 'results.json', 'w'))
     assert 'tiny noise=<absent> steps=6' in [k[3] for k in E.compare(str(tmp_path))]
+    for name, change in (('bigger', dict(batch_size=64)), ('compiled', dict(compile=True))):
+        os.makedirs(tmp_path / name)       # trained with another batch size: another setting; compiled: the same
+        json.dump(dict(r, seed=5, config=dict(r['config'], **change)), open(tmp_path / name / 'results.json', 'w'))
+    labels = [k[3] for k in E.compare(str(tmp_path))]
+    assert any('batch_size=64' in label for label in labels) and not any('compile' in label for label in labels)
     with pytest.raises(UserError, match='no results.json under'):
         E.compare(str(tmp_path / 'empty'))
 

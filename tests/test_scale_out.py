@@ -151,6 +151,47 @@ def test_a_nan_on_one_rank_stops_both_ranks(tmp_path):
     assert common.read_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))['step'] == 2
 
 
+@pytest.mark.parametrize('method', METHODS)
+def test_bfloat16_runs_in_bfloat16_on_the_cpu_too(method, tmp_path, monkeypatch):
+    """--dtype bfloat16 autocasts on any device, so the dtype results.json records is the one that
+    ran: convolutions of training and of predict return bfloat16, and the model still scores."""
+    conv, dtypes = torch.nn.functional.conv2d, []
+
+    def recording_conv2d(*args, **kwargs):
+        out = conv(*args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+    monkeypatch.setattr(torch.nn.functional, 'conv2d', recording_conv2d)
+    module, cfg = micro_cfg(method, tmp_path, '--dtype', 'bfloat16')
+    module.train(cfg)
+    assert torch.bfloat16 in dtypes
+    dtypes.clear()
+    load_and_predict(method, str(tmp_path / 'ckpt.pt'))
+    assert torch.bfloat16 in dtypes
+
+
+@pytest.mark.parametrize('method', [m for m in METHODS if m != 'omiad'])   # omiad has no --compile
+def test_compile_is_for_training_only(method, tmp_path, monkeypatch):
+    """--compile wraps the networks for training; evaluation (predict) runs the networks themselves
+    (a compiled copy would be timed, and recompiled for every new input shape)."""
+    calls = []
+
+    def fake_compile(module, *args, **kwargs):
+        def compiled(*a, **k):
+            calls.append(type(module).__name__)
+            return module(*a, **k)
+        return compiled
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    module, cfg = micro_cfg(method, tmp_path, '--compile')
+    model, _ = module.train(cfg)
+    assert calls
+    calls.clear()
+    test = common.load_dataset(model.cfg, 'test')            # the trained model, as common.run evaluates it
+    with torch.no_grad():
+        model.predict(dict(image=test[0]['image'][None], cls=torch.zeros(1, dtype=torch.long), path=test.paths[:1]))
+    assert calls == []
+
+
 @pytest.mark.parametrize('method', ['inversion_ad', 'lasb', 'omiad'])
 def test_paper_preset_never_trains_on_a_random_backbone(method, tmp_path, monkeypatch):
     """Their paper presets take ImageNet weights from the timm cache: with none there, training
