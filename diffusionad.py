@@ -41,16 +41,18 @@ Choices where paper and official code (HuiZhang0812/DiffusionAD @8a64c03) differ
   (--seg_prior, the RetinaNet initialisation for focal losses).
 - Batch: each image becomes anomalous with p=0.5 (official), not a fixed 8+8 split (paper).
   Opacity beta ~ U(0.2, 0.8). Anomaly textures, as the official code, with --dtd_root: a DTD image
-  for textures (the official list, zipper included, plus the synthetic weave and grain), for
-  objects a DTD image or, half the time, a strip-shuffled copy of the image itself. Without DTD:
-  common's procedural Perlin textures or strip-shuffled self copies, half and half.
+  for textures (the official list: MVTec's, zipper included, and DAGM's Class1-10 as --data folder
+  names them, plus the synthetic weave and grain), for objects a DTD image or, half the time, a
+  strip-shuffled copy of the image itself. Without DTD: common's procedural Perlin textures or
+  strip-shuffled self copies, half and half.
 - Foreground: the official code multiplies Perlin masks by precomputed DIS foregrounds (objects)
   or random-region masks (textures), which cannot be rebuilt here. --foreground uses a rough
   estimate for objects (colour distance to the border's median colour, holes filled; no
   restriction when it finds nothing) and no restriction on textures (by category name, since the
   estimate cannot tell a texture from an object). On by default in the paper preset, off in tiny:
   the synthetic objects' defects include excess material on the background.
-- t_s ~ U{0..299}, t_b ~ U{300..999} per sample in training (paper Sec. 4.2, official code);
+- t_s ~ U{0..299}, t_b ~ U{300..999} per sample in training (official code; paper Sec. 4.2 writes
+  {0..tau} and {tau+1..T}), and betas 1e-4..0.02 (official; the paper says 1e-4..1e-2);
   inference uses t_s=200, t_b=400, w=1 (official), with noise seeded per test image (the official
   evaluation noise is unseeded). One U-Net call on the batch [x_ts; x_tb] serves both levels.
 - No checkpoint selection: the last weights are evaluated. The official code picks the "best"
@@ -109,10 +111,10 @@ import common
 
 config = dict(
     common.BASE_CONFIG,
-    # diffusion (paper Sec. 3, 5.1)
+    # diffusion (paper Sec. 3, 5.1; values of the official code)
     T=1000,                  # diffusion steps
-    betas=(1e-4, 0.02),      # linear beta schedule, first and last
-    tau=300,                 # training: t_s ~ U{0..tau-1}, t_b ~ U{tau..T-1} (paper Sec. 4.2)
+    betas=(1e-4, 0.02),      # linear beta schedule, first and last (official; paper Sec. 3 says beta_T = 1e-2)
+    tau=300,                 # training: t_s ~ U{0..tau-1}, t_b ~ U{tau..T-1} (official; paper: {0..tau}, {tau+1..T})
     w=1.0,                   # norm-guidance scale of Eq. 7 (training and inference)
     t_s=200,                 # inference: small noise level (official eval_normal_t)
     t_b=400,                 # inference: big noise level, gives the guide n (official eval_noisier_t)
@@ -419,7 +421,8 @@ def mask_loss(logits, mask, focal_weight):
     return F.smooth_l1_loss(torch.sigmoid(logits), mask) + focal_weight * focal_loss(logits, mask)
 
 
-TEXTURES = ('carpet', 'grid', 'leather', 'tile', 'wood', 'zipper', 'weave', 'grain')   # official list + synthetic
+TEXTURES = ('carpet', 'grid', 'leather', 'tile', 'wood', 'zipper', 'weave', 'grain',   # official list (MVTec,
+            *(f'Class{i}' for i in range(1, 11)))                                    # DAGM) + synthetic
 
 
 def foreground(image, thresh=0.15):

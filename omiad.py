@@ -58,9 +58,10 @@ No official code exists (the repo holds only a README). Choices where the paper 
     per-element means, with SiDA's 1/2 on the discriminator loss (so 0.5 in the paper's -Eq. 17);
     as the score and SiD losses are means too, not the paper's squared-norm sums, both adversarial
     terms weigh more against them (up to C x S^2 times) than the same lambdas would there.
-    t ~ U{0..t_max} in both updates follows Algorithm 1 (SiDA draws sigma log-normally). One data
-    batch per iteration serves both updates (x_g computed once, line 4). The generator is used as
-    trained (SiDA also keeps an EMA of it; not done here). Its reconstruction error on the
+    t ~ U{0..t_max} in both updates follows Algorithm 1 (SiDA draws sigma log-normally in the psi
+    update, uniformly in t in the generator's). One data batch per iteration serves both updates
+    (x_g computed once, line 4). The generator is used as trained (SiDA also keeps an EMA of it;
+    not done here). Its reconstruction error on the
     validation split is monitored against the teacher's (one-step, = the generator at
     initialisation) before every checkpoint; > drift_max x stops training.
   * Inference: fixed per-sample noise (seeded by the image path), map = squared L2 over channels

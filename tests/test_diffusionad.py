@@ -254,11 +254,12 @@ def test_foreground_estimate_objects_only(monkeypatch):
     monkeypatch.setattr(common, 'perlin_anomaly', lambda sample, rng, p, beta, dtd_root, fg, dtd_self:
                         seen.update({sample['cls']: (fg, dtd_self)}))
     cfg = dict(d.config, foreground=True)
-    for cls, cat in enumerate(('washer', 'weave')):
-        image = torch.tensor(common.synthetic(cat, 'train')[0][0]).float() / 255
-        d.synth_anomaly(dict(image=image, cls=cls), None, cfg, ('washer', 'weave'))
+    names = ('washer', 'weave', 'Class3')              # Class3: a DAGM texture as --data folder names it
+    for cls, cat in enumerate(names):
+        image = torch.tensor(common.synthetic(cat if cls < 2 else 'grain', 'train')[0][0]).float() / 255
+        d.synth_anomaly(dict(image=image, cls=cls), None, cfg, names)
     assert np.array_equal(seen[0][0], fg) and seen[0][1] == 0.5         # object: estimate, 50% self copies
-    assert seen[1] == (None, 0.0)                      # texture (by name): anywhere, DTD only
+    assert seen[1] == seen[2] == (None, 0.0)           # textures (by name): anywhere, DTD only
 
 
 def test_cli_errors(tmp_path):
