@@ -81,7 +81,7 @@ import common
 from common import UserError
 
 # -----------------------------------------------------------------------------
-# config: the defaults are the paper's (official v1 configs/exp_unet_ad/<class>.yml)
+# config: the defaults are the paper's (official v1 configs/exp_unet_ad/<class>.yml; pixel_norm: see above)
 
 config = dict(
     common.BASE_CONFIG,
@@ -487,7 +487,7 @@ def train(cfg):
     train_set, val_set = common.load_dataset(cfg, 'train'), common.load_dataset(cfg, 'val')
     if not resume:                               # build() keeps cfg as model.cfg and completes it
         model, ckpt = build(cfg, train_set), dict(step=0, train_seconds=0.0)
-    z_train = cache_features(model, train_set)                                # (N, 272, g, g), once
+    z_train = cache_features(model, train_set)                    # (N, c, g, g), c = 272 or 48; once
     common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
     per_epoch = math.ceil(len(z_train) / cfg['batch_size'])
     total, warmup = cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch
