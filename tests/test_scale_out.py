@@ -7,6 +7,7 @@ tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a f
   whatever the defaults say) and ends with exactly the weights of an uninterrupted run of the same seed;
 - a NaN loss stops training with a one-line message and keeps the last good checkpoint, and a NaN
   on one of two ranks stops both (no rank waits forever for the other's gradients);
+- --dtype bfloat16 runs in bfloat16 on the CPU too, and --compile compiles for training only;
 - the paper presets of the feature methods never train on a random backbone when ImageNet weights
   are missing.
 """
