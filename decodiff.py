@@ -42,7 +42,8 @@ Deviations from paper and official code (farzad-bz/DeCo-Diff), and assumptions:
   proxy (below; seed 0: 90.2 / 84.0 -> 84.1 / 82.8 image / pixel AUROC).
 - The learning rate follows warm-up and cosine per step (1e-4 -> 1e-5, as the paper says), not per
   epoch as the official code. The training set is train/good minus val_frac=0.1, like the
-  official split (the validation part is unused there too).
+  official MVTec split (the validation part is unused there too); on VisA all of train/good, like
+  the official 1cls split (val_frac 0 unless typed).
 - gamma_l = 0.4, the paper's main-results setting (supp. Tab. 2, marked *); the official code
   now uses 0.2 (better pixel AP, lower image AUROC): --gamma_l 0.2. Blurs as the official code:
   sigma 3 px on the pixel term and 1 latent px on the latent term at 256 px (f8: 32x32 latents);
@@ -57,7 +58,9 @@ Deviations from paper and official code (farzad-bz/DeCo-Diff), and assumptions:
 - No gradient checkpointing (the official code checkpoints its transformer blocks to fit batch 128
   on one 48 GB GPU): if memory runs out, split the batch over GPUs with torchrun. The global RNG
   (dropout) is reseeded from (seed, rank, stage, step) every step, so --resume is exact.
-  GroupNorm: 32 groups at >= 128 channels (every SD VAE layer), c/4 groups below.
+  GroupNorm: 32 groups at >= 128 channels (every SD VAE layer), c/4 groups below, for the tiny
+  widths; so --ch 64 (the official XS size) has 16 groups in its 64-channel layers where the
+  official code has 32 (the default L and S, M, XL match it).
 - Tiny preset (synthetic, CPU; values from scale arguments and the validation split, never the
   test set): the small AE is f4, not f8, so the 128 px images give the paper's 32x32 latent grid
   (256 px / 8) and the paper's patch sizes {1,2,4,8} keep their meaning. At f8 (16x16 latents, each
@@ -172,7 +175,7 @@ def respaced(T, S):
 
 
 def norm(c, eps=1e-5):
-    """GroupNorm with 32 groups (LDM, diffusers) for >= 128 channels; c/4 groups for tiny widths."""
+    """GroupNorm with 32 groups (LDM, diffusers) for >= 128 channels; c/4 groups below (see the docstring)."""
     return nn.GroupNorm(min(32, c // 4), c, eps=eps)
 
 # -----------------------------------------------------------------------------
@@ -630,7 +633,7 @@ def encode_dataset(model, data, cfg):
 
 
 def lr_at(step, steps, lr, min_lr, warmup):
-    """Linear warm-up from 0, then cosine from lr to min_lr at the last step."""
+    """Linear warm-up (lr / warmup at step 0, lr at step warmup - 1), then cosine from lr to min_lr."""
     if step < warmup:
         return lr * (step + 1) / warmup
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
@@ -690,6 +693,8 @@ def setup(cfg):
         raise common.UserError(f"--patch_sizes {cfg['patch_sizes']} must divide the latent size {latent} "
                                'and match --patch_probs in length')
     respaced(cfg['T'], cfg['S'])
+    if cfg['data'] == 'visa' and not resume and 'val_frac' not in cfg.get('cli_keys', ()):
+        cfg = dict(cfg, val_frac=0.0)      # the official VisA run trains on all of train/good
     data = common.load_dataset(cfg, 'train')
     if resume:
         return model, ckpt, data, path

@@ -233,6 +233,20 @@ def test_paper_schedule_follows_the_papers_epochs():
     assert d.corrector_schedule(dict(cfg, steps=7, warmup_steps=2), 100) == (7, 2)
 
 
+def test_visa_trains_on_all_of_train_good_as_the_official_split(tmp_path):
+    """The official VisA (1cls) run trains on every train/good image; MVTec holds 10% out, as here."""
+    from PIL import Image
+    for split, kind, n in (('train', 'good', 10), ('test', 'good', 1)):
+        os.makedirs(tmp_path / 'visa' / 'candle' / split / kind)
+        for i in range(n):
+            Image.new('RGB', (32, 32), (i, 90, 90)).save(tmp_path / 'visa' / 'candle' / split / kind / f'{i:03}.JPG')
+    visa = ('--data', 'visa', '--data_root', str(tmp_path / 'visa'), '--category', 'candle', '--preset', 'tiny')
+    model, _, data, _ = d.setup(small_cfg(tmp_path / 'out', *visa))
+    assert len(data) == 10 and model.cfg['val_frac'] == 0
+    model, _, data, _ = d.setup(small_cfg(tmp_path / 'out', *visa, '--val_frac', '0.2'))
+    assert len(data) == 8 and model.cfg['val_frac'] == 0.2          # typed: kept
+
+
 def test_paper_size_xs_parameter_count():
     """The official UNet-XS (class-conditioned) has 24.7 M parameters (L: 395.0 M, see --help)."""
     unet = d.UNet({**d.config, 'ch': 64, 'head_dim': 16, 'class_cond': True, 'n_classes': 15})
