@@ -21,7 +21,7 @@ anomaly map. One model serves every category (unified setting); no segmentation 
                  std_fwd^2 std_bwd^2) / (std_fwd^2 + std_bwd^2)                        Eq. 11
            loss = || net(z_t, t) - (z_t - z0) / std_fwd[t] ||^2                         Eq. 12
            sampling: nfe DDPM posterior steps p(z_prev | z_n, z0^) from z1 = E(x) to step 0  Eq. 4
-  map      DiAD's protocol: 1 - cosine similarity of ResNet stages 1-3 between x and D(z0^), upsampled,
+  map      DiAD's protocol: 1 - cosine similarity of ResNet stages 1-3 between x and D(z at step 0), upsampled,
            summed, Gaussian blur; image score = max after repeated stride-1 average pooling.
 
 Sources. LASB's code was never released and only the supplement is public. The method is rebuilt
@@ -55,9 +55,9 @@ Deviations (offline, from scratch):
     with --backbone_weights '' (the tiny preset's) it is random-initialised with BatchNorm statistics
     re-estimated on the normal training images (saved in the checkpoint). timm zero-initialises the
     last BatchNorm scale of every ResNet block (zero_init_last), and recalibration leaves scales
-    alone, so each residual branch outputs 0: the random ResNet is its stem plus the stride-2 1x1
-    shortcut projections, an 11 px receptive field at every stage (stage 3, in the paper preset's
-    map, depends on ~37% of the pixels). Kept: with the branches switched on (zero_init_last=False)
+    alone, so each residual branch outputs 0: the random ResNet is its stem plus the 1x1 shortcut
+    projections, an 11 px receptive field at every stage (stage 3, in the paper preset's map,
+    depends on ~45% of the pixels). Kept: with the branches switched on (zero_init_last=False)
     the tiny runs scored lower, measured after the fact (seed 0: 73.9 / 86.4 image / pixel AUROC
     against 83.6 / 90.6). The tiny preset adds pixel_weight * |x - x^| (channel mean) to the map.
     With --backbone_weights timm (or a file) the map is DiAD's, pretrained ImageNet weights recorded
@@ -692,8 +692,8 @@ def train(cfg):
     if ckpt is None:
         cfg['backbone_record'] = prepare_backbone(model, data, cfg)
     if cfg['preset'] == 'paper' and not cfg['dtd_root']:
-        common.print0("note: no --dtd_root, so the anomalies take procedural textures; DRAEM's recipe takes DTD "
-                      '(https://www.robots.ox.ac.uk/~vgg/data/dtd/, then --dtd_root DIR)')
+        common.print0("note: no --dtd_root, so the anomalies take procedural textures or shuffled copies of the "
+                      "image; DRAEM's recipe takes DTD (www.robots.ox.ac.uk/~vgg/data/dtd, then --dtd_root DIR)")
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     common.print0(f"parameters: autoencoder {count(model.ae):.2f} M | bridge UNet {count(model.unet):.2f} M "
                   f"(ch {cfg['ch']}; Table S7 says 224, the S4 text 320) | backbone {count(model.backbone):.2f} M "
