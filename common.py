@@ -181,7 +181,7 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         raise UserError(f"--batch_size must be at least 1 (got {cfg['batch_size']})")
     if cfg.get('dtd_root'):
         _dtd_files(cfg['dtd_root'])      # a wrong folder fails now, not after a first training stage
-    if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
+    if preset == 'paper' and cfg['device'] == 'cpu' and cli_args.get('device', 'auto') == 'auto':
         if cfg['data'] != 'synthetic' and not (cfg['eval'] or cfg['resume']):
             _check_root(cfg['data'], cfg['data_root'])     # needed on any device: say it first
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '
@@ -337,14 +337,15 @@ def run(cfg, train, Model):
                     raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
                                     f'with --resume, or evaluate it as it is with python eval.py {path}')
                 model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
+                moved = ('data_root', 'batch_size', 'dtype')          # run-time keys that would change the results
                 changed = {k: c[k] for k in c.get('cli_keys', ())   # typed keys: never ignored silently, nor
-                           if (k not in RUNTIME_KEYS + RESUME_KEYS or k == 'data_root')   # evaluated into the
-                           and c[k] != ckpt['config'].get(k)}                          # run's results
+                           if (k not in RUNTIME_KEYS + RESUME_KEYS or k in moved)   # evaluated into the run's
+                           and c[k] != ckpt['config'].get(k)}                    # own results
                 if changed:
                     trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
                     infer = getattr(Model, 'INFER_KEYS', ())              # a method may have none
                     hint = f"only inference keys may differ ({', '.join(infer) or 'none'})"
-                    if set(changed) <= set(infer) | {'data_root'}:
+                    if set(changed) <= set(infer) | set(moved):
                         hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
                             f' --{k} {v}' for k, v in changed.items())
                     raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
@@ -674,10 +675,10 @@ def _read(src, size, mask=False):
     try:
         im = Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)
         ImageOps.exif_transpose(im, in_place=True)
-        if mask:
-            a = np.asarray(im.resize((size, size), Image.NEAREST))
-            a = (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a   # ignore alpha
-            return (a > (127 if a.max() >= 128 else 0)).astype(np.uint8)[None]
+        if mask:   # channels -> max, alpha ignored; the rule is read off the file, not the resized
+            grey = lambda a: (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a   # mask (which
+            cut = 127 if grey(np.asarray(im)).max() >= 128 else 0     # may have lost a small defect's core)
+            return (grey(np.asarray(im.resize((size, size), Image.NEAREST))) > cut).astype(np.uint8)[None]
         if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale
             a = np.asarray(im, np.float64)
             bits16 = im.mode.startswith('I;16') or im.format == 'PNG' or a.max() > 255   # Pillow < 10.3 opens

@@ -245,7 +245,7 @@ def evaluate_checkpoint(path, argv):
     config = common.saved_config(ckpt, common.import_method(ckpt['method']).Model)
     overrides = common._parse_argv(argv, {**config, 'heatmaps': 0})          # load() refuses non-inference keys
     heatmaps, out_dir = overrides.pop('heatmaps', 0), overrides.pop('out_dir', '')
-    model, ckpt = _load(path, overrides, overrides.get('device'), ckpt)
+    model, ckpt = _load(path, overrides, common.pick_device(overrides.get('device', 'auto')), ckpt)
     named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}), **overrides}   # mid-run or
     tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in named.items()))   # overridden: its own
     out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # folder, not the run's

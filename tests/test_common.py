@@ -83,6 +83,8 @@ def test_paper_preset_refused_on_implicit_cpu(monkeypatch, tmp_path):
         cfg_of('--data', 'mvtec', '--data_root', str(tmp_path))
     with pytest.raises(UserError, match='mvtec dataset not found at .*nowhere'):   # the data error first
         cfg_of('--data', 'mvtec', '--data_root', str(tmp_path / 'nowhere'))
+    with pytest.raises(UserError, match='paper preset takes days on a CPU'):
+        cfg_of('--data', 'mvtec', '--data_root', str(tmp_path), '--device', 'auto')   # typed, but not cpu
     assert cfg_of('--data', 'mvtec', '--device', 'cpu')['device'] == 'cpu'   # explicit: allowed
     assert cfg_of('--data', 'mvtec', '--preset', 'tiny')['device'] == 'cpu'
 
@@ -198,6 +200,9 @@ def test_mask_files_in_any_mode_are_binarised(tmp_path):
     soft = np.zeros((20, 20), np.uint8)                # an anti-aliased 0/255 mask: its 60-valued rim
     soft[4:11, 4:11], soft[5:10, 5:10] = 60, 255       # is outside (binarised at 0.5, not > 0)
     assert common._read(soft, 20, mask=True).sum() == 25
+    soft[:] = 0                                        # the rule is read off the file: a resize that keeps
+    soft[8:12, 8:12], soft[9:11, 9:11] = 60, 255       # only the rim of a small defect does not make the
+    assert common._read(soft, 6, mask=True).sum() == 0  # rim a class-id defect (the defect is lost: a warning)
 
 
 def test_masks_are_checked_against_their_images(tmp_path):
