@@ -497,6 +497,8 @@ def test_perfect_and_constant_maps():
     assert const['image_auroc'] == 0.5 and const['pixel_auroc'] == 0.5
     assert const['pixel_ap'] == pytest.approx(masks.mean())
     assert const['aupro'] == pytest.approx(0.15)      # the diagonal from (0,0) to (1,1) up to 0.3
+    p = masks.mean()                                  # mAD: the mean of seven different values here
+    assert const['mad'] == pytest.approx((0.5 + 1 / 3 + 0.5 + 0.5 + p + 2 * p / (1 + p) + 0.15) / 7)
 
 
 def test_undefined_metrics_are_nan_with_a_warning():

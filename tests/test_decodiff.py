@@ -265,6 +265,7 @@ def test_predictions_identical_after_save_load_in_a_fresh_process(tmp_path):
     out = model.predict(batch)
     assert out['map'].shape == (4, 32, 32) and out['score'].shape == (4,) and out['recon'].shape == (4, 3, 32, 32)
     assert 0 <= out['map'].min() and out['map'].max() <= 1 and out['nfe']['unet'] == 5
+    assert model.unet.out[-1].weight.abs().max() > 0 and out['map'].max() > 0   # trained: not zeros vs zeros
     parts = [model.predict(dict(image=batch['image'][s], cls=batch['cls'][s], path=batch['path'][s]))
              for s in (slice(0, 1), slice(1, 4))]
     for k in ('map', 'score'):   # batch-size invariant up to the float rounding of batched convolutions,

@@ -139,6 +139,24 @@ def test_learning_rates_match_the_official_scheduler():
     assert (once[-1] < 0.01 * once[0]).all()                          # both anneal once, to ~0
 
 
+def test_train_step_loss_is_eq_11(tmp_path):
+    """train_step itself (not a copy) optimises noise loss + mask loss (Eq. 11) with its step's draws."""
+    model = tiny_model(tmp_path).train()
+    cfg, B = model.cfg, 4
+    opts = (torch.optim.Adam(model.unet.parameters(), 1e-4), torch.optim.Adam(model.seg.parameters(), 1e-4))
+    mask = torch.zeros(B, 1, 32, 32)
+    mask[2:, :, 8:20, 10:22] = 1
+    batch = dict(images(B), mask=mask, label=torch.tensor([0, 0, 1, 1]))
+    g = common.generator(cfg['seed'], 0, 5)                      # step 5's draws, as train_step makes them
+    x = model.to_model(batch['image'])
+    t_s, t_b = torch.randint(0, cfg['tau'], (B,), generator=g), torch.randint(cfg['tau'], cfg['T'], (B,), generator=g)
+    eps_s, eps_b = torch.randn((2,) + x.shape, generator=g).unbind(0)
+    with torch.no_grad():
+        logits, _, e_s, e_b = model(x, t_s, t_b, eps_s, eps_b)
+        want = d.noise_loss(e_s, e_b, eps_s, eps_b, batch['label']) + d.mask_loss(logits, mask[:, 0], cfg['focal_weight'])
+    assert d.train_step(model, model, opts, batch, cfg, 5)[0] == pytest.approx(want.item(), abs=1e-5)
+
+
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
     model = tiny_model(tmp_path).train()
     g = torch.Generator().manual_seed(0)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import common
 import inversion_ad as ia
@@ -111,6 +112,27 @@ def test_pixels_backbone_features():
     torch.testing.assert_close(z, (u - u.mean((2, 3), keepdim=True)) / (u.std((2, 3), keepdim=True) + 1e-3))
     torch.testing.assert_close(z.std((2, 3)), torch.ones(3, 48), atol=1e-2, rtol=0)
     torch.testing.assert_close(model.features(x[1:2]), z[1:2])               # per image: no batch coupling
+
+
+def test_train_step_is_eq_9_and_lowers_the_loss(tmp_path):
+    """train_step's loss is ||eps_theta(x_t, t) - eps||^2 with its step's t and eps, and its updates
+    lower it on a fixed batch."""
+    torch.manual_seed(0)
+    model = ia.Model(tiny_cfg(tmp_path))
+    cfg = model.cfg
+    ema = copy.deepcopy(model.unet).requires_grad_(False)
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['lr'])
+    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    g = common.generator(cfg['seed'], 0, 0)                      # step 0's draws, as train_step makes them
+    t = torch.randint(0, cfg['T'], (8,), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    ab = model.abar[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        want = F.mse_loss(model.unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t), eps).item()
+    path = str(tmp_path / 'ckpt.pt')
+    losses = [ia.train_step(model, model.unet, opt, ema, z0, 0, 100, 0, path) for _ in range(30)]
+    assert losses[0] == pytest.approx(want, rel=1e-6)
+    assert losses[-1] < 0.9 * losses[0]
 
 
 def test_train_loss_and_nfe(trained):

@@ -122,6 +122,44 @@ def test_codebook_ema_and_dead_code_restart():
     assert len(vq.codes(h).unique()) > 1                          # no collapse onto one code
 
 
+def test_codebook_ema_update_is_its_closed_form():
+    """One update with no restart: counts and sums are exponential moving averages (decay 0.5 here),
+    counts Laplace-smoothed, and each code is its smoothed sum over its smoothed count."""
+    torch.manual_seed(0)
+    vq = lasb.VectorQuantizer(8, 3, beta=0.25, decay=0.5, restart=100)
+    vq.idle.zero_()
+    h = torch.randn(2, 3, 4, 4)
+    e0, idx = vq.embed.clone(), vq.codes(h)
+    flat, i = h.permute(0, 2, 3, 1).reshape(-1, 3), idx.flatten()
+    count, total = torch.bincount(i, minlength=8).float(), torch.zeros(8, 3).index_add_(0, i, flat)
+    vq.update(h, idx, torch.Generator().manual_seed(0))
+    c, s = 0.5 * 1 + 0.5 * count, 0.5 * e0 + 0.5 * total          # the buffers start at count 1, sum e0
+    torch.testing.assert_close(vq.embed, s / ((c + 1e-5) / (c.sum() + 8e-5) * c.sum())[:, None])
+
+
+def test_training_regresses_the_eq_12_label(tmp_path, monkeypatch):
+    """The stage-2 loop of train() itself (not a copy of it) fits (z_t - z0) / std_fwd[n]."""
+    seen, checked = {}, []
+    q_sample, mse = lasb.Bridge.q_sample, F.mse_loss
+
+    def q_spy(self, n, z0, z1, eps):
+        zt = q_sample(self, n, z0, z1, eps)
+        seen.update(n=n, z0=z0, zt=zt, bridge=self)
+        return zt
+
+    def mse_spy(pred, target, *args, **kwargs):
+        if seen:
+            std = seen['bridge'].std_fwd[seen['n']].view(-1, 1, 1, 1)
+            torch.testing.assert_close(target, (seen['zt'] - seen['z0']) / std)
+            checked.append(1)
+            seen.clear()
+        return mse(pred, target, *args, **kwargs)
+    monkeypatch.setattr(lasb.Bridge, 'q_sample', q_spy)
+    monkeypatch.setattr(lasb.F, 'mse_loss', mse_spy)
+    lasb.train(micro_cfg(tmp_path, '--ae_steps', '2', '--steps', '2'))
+    assert len(checked) == 2
+
+
 def test_bridge_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
     cfg = micro_cfg('/tmp/unused')

@@ -209,6 +209,35 @@ def test_asd_losses_finite_and_updates_move_networks(tmp_path):
     assert any(not torch.equal(v, g.state_dict()[k]) for k, v in g0.items())
 
 
+def test_generator_loss_is_sid_plus_the_adversarial_term(tmp_path):
+    """generator_loss returns Eq. 27 at its own t and eps (drawn from gen) and adds lambda_adv * Eq. 18."""
+    torch.manual_seed(0)
+    model = omiad.Model(tiny_cfg(tmp_path))
+    cfg, x0, psi = model.cfg, torch.randn(4, 48, 8, 8), copy.deepcopy(model.teacher)
+    torch.nn.init.normal_(psi.out[-1].weight, std=0.05)        # psi != phi, so Delta != 0
+    x_g = model.generate(model.generator, x0, torch.randn(x0.shape, generator=common.generator(0, 0)), cfg['t_init'])
+    total, l_sid, l_adv = omiad.generator_loss(model, psi, x_g, common.generator(0, 1), cfg, use_adv=True)
+    g = common.generator(0, 1)
+    t = torch.randint(0, cfg['t_max'] + 1, (4,), generator=g)
+    eps = torch.randn(x_g.shape, generator=g)
+    x_t = omiad.q_sample(x_g, t, eps, model.abar)
+    with torch.no_grad():
+        want = omiad.sid_loss(model.teacher(x_t, t).float(), psi(x_t, t).float(), eps, t, model.abar, cfg['alpha'])[0]
+    torch.testing.assert_close(l_sid, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total.detach(), l_sid + cfg['lambda_adv'] * l_adv, rtol=1e-6, atol=1e-9)
+
+
+def test_distillation_starts_from_the_teacher(run):
+    """Alg. 1 line 2 (theta <- phi) in the training run itself: the first stage-2 checkpoint holds a
+    generator equal to the trained teacher."""
+    first = next(p for p in run[2] if p.endswith('stage2_step0'))
+    weights = common.read_checkpoint(first)['model']
+    gen, teacher = ({k.split('.', 1)[1]: v for k, v in weights.items() if k.startswith(f'{net}.')}
+                    for net in ('generator', 'teacher'))
+    assert gen.keys() == teacher.keys() and all(torch.equal(gen[k], teacher[k]) for k in gen)
+    assert any(v.abs().max() > 0 for k, v in teacher.items() if k.startswith('out'))   # a trained teacher
+
+
 def test_predict_shapes_and_nfe(run):
     model = run[0]
     out = model.predict(batch(3))
