@@ -675,9 +675,9 @@ def _read(src, size, mask=False):
     try:
         im = Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)
         ImageOps.exif_transpose(im, in_place=True)
-        if mask:   # channels -> max, alpha ignored; the rule is read off the file, not the resized
-            grey = lambda a: (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a   # mask (which
-            cut = 127 if grey(np.asarray(im)).max() >= 128 else 0     # may have lost a small defect's core)
+        if mask:   # channels -> max, alpha ignored; > 127, or > 0 for class ids (a file all below 128):
+            grey = lambda a: (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a
+            cut = 127 if grey(np.asarray(im)).max() >= 128 else 0   # on the file: a resize may drop a small core
             return (grey(np.asarray(im.resize((size, size), Image.NEAREST))) > cut).astype(np.uint8)[None]
         if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale
             a = np.asarray(im, np.float64)
