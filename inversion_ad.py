@@ -58,7 +58,7 @@ Deviations and assumptions:
   dimensions, and at large t, where eps ~ x_t, its loss cannot fall below 1 - w/48 (width 32
   stalled at 0.42; width 64 reaches 0.08). The paper-scale net has the same property, mildly (256
   channels on 272 features, a floor of 6%); the paper preset keeps it. The default run scores
-  69.0 image / 84.5 pixel mean AUROC (seeds 0-2: 66.2 / 81.8; the README has the measurements):
+  68.4 image / 85.5 pixel mean AUROC (seeds 0-2: 65.1 / 81.1; the README has the measurements):
   the pipeline on pixels at CPU scale, not the paper's setting.
 
 $ python inversion_ad.py                                              # tiny, synthetic, CPU minutes

@@ -80,9 +80,9 @@ No official code exists (the repo holds only a README). Choices where the paper 
     monitor on 64 validation images. At this scale the adversarial term does not move the student
     (lambda_adv 0 to 1e-2 alike; the discriminator stays at chance), and the generator's validation
     error rises ~1.25x in its first updates whatever the warm-up (Adam with beta1 = 0 moves every
-    weight by ~lr from the first step while the SiD gradient starts at zero). The default run: 76.6
-    / 84.0 image / pixel AUROC (seeds 0-2: 77.2 / 83.0), 429-464 s on 2 cores; the one-step teacher
-    of the same run 79.0 / 85.2. The README has the measurements.
+    weight by ~lr from the first step while the SiD gradient starts at zero). The default run: 78.6
+    / 83.4 image / pixel AUROC (seeds 0-2: 78.6 / 84.2), 318-321 s on 2 cores; the one-step teacher
+    of the same run 79.9 / 84.9. The README has the measurements.
 
 $ python omiad.py                                           # tiny preset, synthetic data, CPU minutes
 $ python omiad.py --data mvtec --backbone_weights timm --train   # paper preset, all 15 classes
