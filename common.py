@@ -75,6 +75,7 @@ BASE_CONFIG = dict(
 )
 METHODS = ('diffusionad', 'inversion_ad', 'omiad', 'decodiff', 'lasb')
 RUNTIME_KEYS = ('device', 'data_root', 'batch_size', 'heatmaps', 'num_workers', 'out_dir', 'dtype')
+MEASURED_KEYS = ('data_root', 'batch_size', 'dtype')   # run-time keys that still change the numbers
 # what a resumed run takes from this command line even when not typed (see resume())
 RESUME_KEYS = ('device', 'out_dir', 'train', 'eval', 'resume')
 
@@ -337,15 +338,14 @@ def run(cfg, train, Model):
                     raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
                                     f'with --resume, or evaluate it as it is with python eval.py {path}')
                 model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
-                moved = ('data_root', 'batch_size', 'dtype')          # run-time keys that would change the results
                 changed = {k: c[k] for k in c.get('cli_keys', ())   # typed keys: never ignored silently, nor
-                           if (k not in RUNTIME_KEYS + RESUME_KEYS or k in moved)   # evaluated into the run's
-                           and c[k] != ckpt['config'].get(k)}                    # own results
+                           if (k not in RUNTIME_KEYS + RESUME_KEYS or k in MEASURED_KEYS)   # evaluated into
+                           and c[k] != ckpt['config'].get(k)}                            # the run's results
                 if changed:
                     trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
                     infer = getattr(Model, 'INFER_KEYS', ())              # a method may have none
                     hint = f"only inference keys may differ ({', '.join(infer) or 'none'})"
-                    if set(changed) <= set(infer) | set(moved):
+                    if set(changed) <= set(infer) | set(MEASURED_KEYS):
                         hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
                             f' --{k} {v}' for k, v in changed.items())
                     raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')

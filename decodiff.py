@@ -742,11 +742,9 @@ def train(cfg):
                   f"latent std {latents.std.mean().item() / latents.mean.std().item():.3f}")
     cfg['steps'], cfg['warmup_steps'] = corrector_schedule(cfg, len(data))
     model.unet.train()
-    loss = corrector_loss                 # --compile: training only (evaluation runs model.unet itself)
-    if cfg['compile']:
-        loss = functools.partial(corrector_loss, unet=torch.compile(model.unet))   # shares its weights
-    fit(model, 'diffusion', list(model.unet.parameters()), loss, latents, cfg, run,
-        (cfg['steps'], cfg['lr'], cfg['min_lr'], cfg['warmup_steps']))   # the paper's schedule (Sec. 5.1)
+    unet = torch.compile(model.unet) if cfg['compile'] else model.unet   # training only; shares the weights
+    fit(model, 'diffusion', list(model.unet.parameters()), functools.partial(corrector_loss, unet=unet), latents,
+        cfg, run, (cfg['steps'], cfg['lr'], cfg['min_lr'], cfg['warmup_steps']))   # the paper's schedule (Sec. 5.1)
     return model.eval(), run['seconds'] + time.time() - run['t0']
 
 

@@ -265,7 +265,7 @@ def compare(root):
             continue
         r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
         preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '')   # a re-evaluation
-        cfg = {k: v for k, v in r['config'].items() if k not in per_run or k in ('data_root', 'batch_size', 'dtype')}
+        cfg = {k: v for k, v in r['config'].items() if k not in per_run or k in common.MEASURED_KEYS}
         setting = json.dumps([cfg, r['protocol']['eval_size'], r['protocol']['mask_rule']], sort_keys=True)
         runs.setdefault((r['method'], r['data'], r['category'], preset, setting), []).append(r)
     if not runs:
