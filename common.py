@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import os
+import platform
 import random
 import re
 import subprocess
@@ -547,8 +548,14 @@ def versions():   # once per process: every checkpoint save would otherwise run 
         commit = git('rev-parse', 'HEAD') + ('-dirty' if dirty else '')
     except OSError:
         commit = ''
+    try:   # the CPU, its vector instructions and the thread count change floating-point sums, so
+        with open('/proc/cpuinfo') as f:   # the same seed trains another model when any of them differs
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+    except OSError:
+        cpu = ''
+    cpu = f'{cpu or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads'
     return dict(python=sys.version.split()[0], torch=str(torch.__version__), numpy=str(np.__version__),
-                torchvision=str(torchvision.__version__), timm=timm_version, git=commit or 'unknown')
+                torchvision=str(torchvision.__version__), timm=timm_version, git=commit or 'unknown', cpu=cpu)
 
 # -----------------------------------------------------------------------------
 # data: every sample is a dict(image (3,H,W) in [0,1], mask (1,S,S) in {0,1}, label, cls, path)

@@ -85,7 +85,8 @@ Choices where paper and official code (HuiZhang0812/DiffusionAD @8a64c03) differ
   97.7 / 94.6, the tiny preset (~0.25 s a step; seeds 1 and 2: 97.5 / 95.1, 98.4 / 95.0). Spending
   the ~90 s the default run leaves unused on 2100 steps (with fused Adam) gained nothing: seeds 0
   and 1 scored 97.9 / 94.4 and 97.5 / 94.6 on the proxy, and 10-11 min of training on a day this
-  machine ran ~20% slow.
+  machine ran ~20% slow. All of these were measured on an AMD EPYC with 2 threads; the CPU changes
+  floating-point sums, so on another one the same seed trains another model (README).
 
 $ python diffusionad.py                                      # tiny preset, synthetic data, CPU
 $ python diffusionad.py --data mvtec --dtd_root data/dtd --train           # paper: each category

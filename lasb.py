@@ -58,8 +58,8 @@ Deviations (offline, from scratch):
     alone, so each residual branch outputs 0: the random ResNet is its stem plus the 1x1 shortcut
     projections, an 11 px receptive field at every stage (stage 3, in the paper preset's map,
     depends on ~45% of the pixels). Kept: with the branches switched on (zero_init_last=False)
-    the tiny runs scored lower, measured after the fact (seed 0: 73.9 / 86.4 image / pixel AUROC
-    against 83.6 / 90.6). The tiny preset adds pixel_weight * |x - x^| (channel mean) to the map.
+    the tiny runs scored lower, measured after the fact (AMD EPYC, seed 0: 73.9 / 86.4 image / pixel
+    AUROC against 83.6 / 90.6). The tiny preset adds pixel_weight * |x - x^| (channel mean) to the map.
     With --backbone_weights timm (or a file) the map is DiAD's, pretrained ImageNet weights recorded
     by id and sha256.
   - the tiny preset (64 px, 16x16x3 latents, small networks, 700 + 1100 steps, 10 NFE) is a CPU-minutes
