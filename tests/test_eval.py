@@ -319,14 +319,15 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     assert 'INCOMPLETE' in printed and '+-' in printed
     os.makedirs(tmp_path / 'longer')                   # another config under the same preset: not a seed
     json.dump(dict(r, config=dict(r['config'], steps=99, noise=0.0123456789)), open(tmp_path / 'longer' / 'results.json', 'w'))
-    os.makedirs(tmp_path / 'again')                    # a second run of seed 0: counted, and flagged
-    shutil.copy(tmp_path / 's0' / 'results.json', tmp_path / 'again')
+    os.makedirs(tmp_path / 'again')                    # a second run of seed 0, on another CPU: counted, flagged
+    json.dump(dict(r, versions=dict(r['versions'], cpu='another CPU, AVX2, 2 threads')),
+              open(tmp_path / 'again' / 'results.json', 'w'))
     runs = E.compare(str(tmp_path))
     rows = [k for k in runs if k[:3] == ('toy_method', 'synthetic', 'weave') and 'eval_' not in k[3]]
     assert sorted(len(runs[k]) for k in rows) == [1, 3]
     assert sorted(k[3] for k in rows) == ['tiny noise=0.0 steps=6', 'tiny noise=0.0123456789 steps=99']
     printed = capsys.readouterr().out                                        # labelled by what differs
-    assert '(3 runs of 2 seeds)' in printed
+    assert '(3 runs of 2 seeds) (2 CPUs)' in printed
     assert len({line.index('+-') for line in printed.splitlines()[1:]}) == 1   # columns aligned past long labels
     os.makedirs(tmp_path / 'older')                    # saved before a key was added: labelled by it
     json.dump(dict(r, config={k: v for k, v in r['config'].items() if k != 'noise'}),
