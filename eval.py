@@ -281,8 +281,8 @@ def compare(root):
         rows[method, data, cat, preset] = rs
         m = np.array([[r['metrics']['mean'][k] for k in METRICS + ('mad',)] for r in rs]) * 100
         cells = ''.join(f'{a:7.1f}+-{s:<4.1f}' for a, s in zip(m.mean(0), m.std(0)))
-        seeds, cpus = len({r['seed'] for r in rs}), len({r['versions'].get('cpu') for r in rs})   # a seed trains
-        flag = (' INCOMPLETE' if any(r.get('missing') for r in rs) else '') + (   # another model on another CPU
+        seeds, cpus = len({r['seed'] for r in rs}), len({r['versions'].get('cpu') for r in rs})   # see versions()
+        flag = (' INCOMPLETE' if any(r.get('missing') for r in rs) else '') + (
             f' ({len(rs)} runs of {seeds} seeds)' if seeds < len(rs) else '') + (f' ({cpus} CPUs)' if cpus > 1 else '')
         lines.append((f'{method} / {data} / {cat} / {preset}', f'{seeds:>6}{cells}'
                       f"{np.mean([r['ms_per_image'] for r in rs]):9.1f}{rs[0]['params']['total'] / 1e6:10.2f}"
