@@ -61,9 +61,9 @@ No official code exists (the repo holds only a README). Choices where the paper 
     t ~ U{0..t_max} in both updates follows Algorithm 1 (SiDA draws sigma log-normally in the psi
     update, uniformly in t in the generator's). One data batch per iteration serves both updates
     (x_g computed once, line 4). The generator is used as trained (SiDA also keeps an EMA of it;
-    not done here). Its reconstruction error on the
-    validation split is monitored against the teacher's (one-step, = the generator at
-    initialisation) before every checkpoint; > drift_max x stops training.
+    not done here). Its reconstruction error on the validation split is monitored against the
+    teacher's (one-step, = the generator at initialisation) before every checkpoint; > drift_max x
+    stops training.
   * Inference: fixed per-sample noise (seeded by the image path), map = squared L2 over channels
     upsampled bilinearly to the input size; image score = max of a 16x16 (at 224 px; scaled with
     the input size) average-pooled map, as UniAD and HVQ-Trans (same group) score images.
