@@ -548,8 +548,8 @@ def versions():   # once per process: every checkpoint save would otherwise run 
         commit = git('rev-parse', 'HEAD') + ('-dirty' if dirty else '')
     except OSError:
         commit = ''
-    try:   # the CPU, its vector instructions and the thread count change floating-point sums, so
-        with open('/proc/cpuinfo') as f:   # the same seed trains another model when any of them differs
+    try:   # CPU, vector instructions, threads: each changes floating-point sums, hence a seed's model
+        with open('/proc/cpuinfo') as f:
             cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
     except OSError:
         cpu = ''
