@@ -57,6 +57,8 @@ Choices where paper and official code (HuiZhang0812/DiffusionAD @8a64c03) differ
   evaluation noise is unseeded). One U-Net call on the batch [x_ts; x_tb] serves both levels.
 - No checkpoint selection: the last weights are evaluated. The official code picks the "best"
   checkpoint on the TEST set every 50 epochs, so the paper's numbers are test-selected.
+- An epoch is (training images // batch) steps, as the official drop_last loader (at least one),
+  but of train/good minus the 10% validation split (--val_frac), which the official code trains on.
 - U-Net: ADM layout as the official code (BigGAN up/down ResBlocks, attention at 32/16/8 px with
   4 heads, no scale-shift norm, no dropout, no EMA; the embedding is of the raw t). GroupNorm uses
   min(32, C/4) groups, so the tiny preset's 8-channel U-Net does not become instance norm (the
@@ -136,7 +138,7 @@ config = dict(
     epochs=3000,             # used when steps=0 (paper: 3000 epochs, per category)
     lr=1e-4,                 # Adam, U-Net
     lr_seg=1e-5,             # Adam, segmentation net (official code; the paper says 1e-4)
-    seg_cosine=10,           # seg LR: cosine to 0 over T_max steps, restarting (official: 10); 0 = constant
+    seg_cosine=10,           # seg LR: cosine to 0 over T_max steps and back, period 2 T_max (official: 10); 0 = constant
     anneal=False,            # instead, anneal both LRs to 0 over the run with one cosine (tiny preset)
     focal_weight=5.0,        # weight of the focal term in Eq. 10 (the paper's gamma)
     p_anomaly=0.5,           # probability that a training image gets a synthetic anomaly
@@ -206,7 +208,8 @@ def zero(module):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding [sin, cos] of the raw integer timestep (Transformer, ADM)."""
+    """Sinusoidal embedding [sin, cos] of the raw integer timestep, as the official code (ADM orders it
+    [cos, sin]; the Linear layer after it absorbs the order)."""
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], 1)
@@ -528,7 +531,9 @@ def train(cfg):
     if cfg['preset'] == 'paper' and not cfg['dtd_root']:
         common.print0("note: no --dtd_root, so the anomalies take procedural textures; the paper's come from DTD "
                       '(https://www.robots.ox.ac.uk/~vgg/data/dtd/, then --dtd_root DIR)')
-    steps = cfg['steps'] or cfg['epochs'] * (len(data) // cfg['batch_size'])
+    steps = cfg['steps'] or cfg['epochs'] * max(1, len(data) // cfg['batch_size'])   # drop_last, as official
+    if steps < 1:
+        raise common.UserError(f"--steps {cfg['steps']} and --epochs {cfg['epochs']}: nothing to train")
     batches = common.train_batches(data, cfg, step,
                                    functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))
     net = torch.compile(model) if cfg['compile'] else model   # shares the weights of model
@@ -542,6 +547,10 @@ def train(cfg):
         avg += (*train_step(net, model, opts, next(batches), cfg, step), 1)
         done = step + 1
         if done % cfg['log_interval'] == 0 or done == steps:
+            if common.rank_world()[1] > 1:     # the mean over every rank's samples (rank 0's own noise
+                sums = torch.tensor(avg, device=cfg['device'])   # loss is its share times world)
+                torch.distributed.all_reduce(sums)
+                avg = sums.cpu().numpy() / common.rank_world()[1]
             loss, l_noise, l_mask, n = *(avg[:3] / avg[3]), avg[3]
             if rank == 0:
                 lr, lr_seg = learning_rates(cfg, step, steps)

@@ -295,6 +295,8 @@ def test_cli_errors(tmp_path):
         d.main(['--beta', '0.5', '--out_dir', str(tmp_path)])
     with pytest.raises(common.UserError, match='--image_size 50 must be divisible by 8'):
         d.main(['--image_size', '50', '--out_dir', str(tmp_path)])      # not a size mismatch mid-forward
+    with pytest.raises(common.UserError, match='nothing to train'):     # not an untrained model evaluated
+        d.main(['--steps', '0', '--epochs', '0', '--out_dir', str(tmp_path)])
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match='paper preset'):
             d.main(['--preset', 'paper'])
