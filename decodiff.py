@@ -45,7 +45,8 @@ Deviations from paper and official code (farzad-bz/DeCo-Diff), and assumptions:
   official MVTec split (the validation part is unused there too); on VisA all of train/good, like
   the official 1cls split (val_frac 0 unless typed).
 - gamma_l = 0.4, the paper's main-results setting (supp. Tab. 2, marked *); the official code
-  now uses 0.2 (better pixel AP, lower image AUROC): --gamma_l 0.2. Blurs as the official code:
+  now uses 0.2 (better pixel AP, lower image AUROC): --gamma_l 0.2. Blurs as the current official
+  code (the paper-era code, which had gamma_l 0.4, also blurred the final map with sigma 1; not done):
   sigma 3 px on the pixel term and 1 latent px on the latent term at 256 px (f8: 32x32 latents);
   sigma_pix scales with image_size/256 and sigma_lat with latent size/32 (the same share of the
   image at any size). The pixel term compares D(z~0) with D(z0), so autoencoder error does not
