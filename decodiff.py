@@ -45,12 +45,12 @@ Deviations from paper and official code (farzad-bz/DeCo-Diff), and assumptions:
   official MVTec split (the validation part is unused there too); on VisA all of train/good, like
   the official 1cls split (val_frac 0 unless typed).
 - gamma_l = 0.4, the paper's main-results setting (supp. Tab. 2, marked *); the official code
-  now uses 0.2 (better pixel AP, lower image AUROC): --gamma_l 0.2. Blurs as the current official
-  code (the paper-era code, which had gamma_l 0.4, also blurred the final map with sigma 1; not done):
-  sigma 3 px on the pixel term and 1 latent px on the latent term at 256 px (f8: 32x32 latents);
-  sigma_pix scales with image_size/256 and sigma_lat with latent size/32 (the same share of the
-  image at any size). The pixel term compares D(z~0) with D(z0), so autoencoder error does not
-  enter the map.
+  now uses 0.2 (better pixel AP, lower image AUROC): --gamma_l 0.2. Blurs: sigma 3 px on the pixel
+  term and 1 latent px on the latent term at 256 px (f8: 32x32 latents), as the official code, and,
+  going with gamma_l 0.4, the paper-era code's final blur of the map, sigma 1 px (--sigma_map 0:
+  the current code's map). sigma_pix and sigma_map scale with image_size/256, sigma_lat with latent
+  size/32 (the same share of the image at any size). The pixel term compares D(z~0) with D(z0), so
+  autoencoder error does not enter the map.
 - S reverse steps use the official respacing (t = 0, k, 2k, ... < T with S values): S=5 gives
   t = 8,6,4,2,0; S must be 2, 3, 4, 5 or 10 (the released code cannot run S=1 either).
 - Training latents are posterior samples, test latents the posterior mean (official code). As the
@@ -144,6 +144,7 @@ config = dict(
     gamma_l=0.4,                # latent threshold (paper 0.4; official code 0.2)
     sigma_pix=3.0,              # Gaussian blur of the pixel term: pixels at 256 px (x image_size/256)
     sigma_lat=1.0,              # Gaussian blur of the latent term: latent px of a 32x32 latent (x size/32)
+    sigma_map=1.0,              # Gaussian blur of the final map: pixels at 256 px (paper-era code; current 0)
 )
 del config['backbone_weights']   # a shared key this method has no use for (its pretrained VAE: --vae_weights)
 PRESETS = {
@@ -529,7 +530,7 @@ def autoencoder_loss(model, batch, gen, cfg):
 
 
 class Model(nn.Module):
-    INFER_KEYS = ('S', 'strategy', 'gamma_p', 'gamma_l', 'sigma_pix', 'sigma_lat')
+    INFER_KEYS = ('S', 'strategy', 'gamma_p', 'gamma_l', 'sigma_pix', 'sigma_lat', 'sigma_map')
     FINAL_STAGE = 'diffusion'   # common.load refuses 'ae' checkpoints: the corrector is not trained yet
     SCORE_RULE = 'max of the Eq. 15 map: sqrt(clipped pixel discrepancy x clipped latent discrepancy)'
 
@@ -577,14 +578,16 @@ class Model(nn.Module):
     def anomaly_map(self, x_rec, x0, z_rec, z0):
         """Eq. 15 with the official reductions: pixel term max over RGB of |x~0 - x0| (images in
         [-1,1]) clipped at gamma_p, latent term mean over channels of |z~0 - z0| clipped at gamma_l,
-        each scaled to [0,1] and blurred; the latent term is upsampled bilinearly; geometric mean."""
+        each scaled to [0,1] and blurred; the latent term is upsampled bilinearly; geometric mean,
+        blurred once more (sigma_map, the paper-era code's final smoothing)."""
         c, size = self.cfg, x0.shape[-1]
         d_pix = (x_rec - x0).abs().amax(1, keepdim=True).clamp(max=c['gamma_p']) / c['gamma_p']
         d_pix = common.gaussian_blur(d_pix, c['sigma_pix'] * size / 256)
         d_lat = (z_rec - z0).abs().mean(1, keepdim=True).clamp(max=c['gamma_l']) / c['gamma_l']
         d_lat = F.interpolate(common.gaussian_blur(d_lat, c['sigma_lat'] * z0.shape[-1] / 32), size=x0.shape[-2:],
                               mode='bilinear', align_corners=False)
-        return (d_pix * d_lat).sqrt()[:, 0], d_pix[:, 0], d_lat[:, 0]
+        amap = common.gaussian_blur((d_pix * d_lat).sqrt(), c['sigma_map'] * size / 256)
+        return amap[:, 0], d_pix[:, 0], d_lat[:, 0]
 
     @torch.no_grad()
     def predict(self, batch):

@@ -190,6 +190,10 @@ def test_map_is_on_the_minus1_1_scale_whichever_input_range():
     amap, d_pix, d_lat = model.anomaly_map(to_ae(x01 + shift), to_ae(x01), z_rec, z)
     assert torch.allclose(d_lat, torch.full_like(d_lat, 0.25), atol=1e-6)   # channel mean / gamma_l
     assert torch.allclose(amap, (d_pix * 0.25).sqrt(), atol=1e-6)          # Eq. 15: the geometric mean
+    model.cfg['sigma_map'] = 256 / 8                   # then blurred: sigma_map px at 256 px = 1 px at 8 px
+    blurred = model.anomaly_map(to_ae(x01 + shift), to_ae(x01), z_rec, z)[0]
+    assert torch.allclose(blurred, common.gaussian_blur(amap[:, None], 1.0)[:, 0], atol=1e-6)
+    assert not torch.allclose(blurred, amap, atol=1e-3)
 
 
 def test_the_autoencoder_runs_16_images_at_a_time():
