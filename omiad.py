@@ -71,7 +71,9 @@ No official code exists (the repo holds only a README). Choices where the paper 
     feature scale. The tiny preset's 100 (abar = 0.90) was chosen on the validation split only
     (normal val images plus two Perlin-anomalous copies of each, common.perlin_anomaly, scored by
     the one-step teacher): the best image + pixel AUROC among 50..600 there with the first teacher,
-    and among 50..400 with the widened one. A Gaussian blur of the map (sigma 2, 4) lowered it, so none is used.
+    and among 50..400 with the widened one. A Gaussian blur of the map (sigma 2, 4) lowered it, so
+    none is used. eval.py --t_init is meant for the teacher (--use_teacher): the generator was
+    distilled at one t_init only.
   * Stage lengths are not given; the paper preset uses 100k AMDM and 20k ASD steps (assumed).
   * Tiny preset (CPU budget ~10 min), every value chosen on that validation proxy, none on the test
     set: 128 px, a 32x32 grid, a 3-level U-Net of width 64/64/128 (3.3 M; at least the 48 pixel
@@ -140,7 +142,7 @@ config = dict(
     # stage 2: ASD (Algorithm 1)
     asd_steps=20000,        # distillation steps (assumed)
     asd_lr=1e-5,            # Adam lr of generator and student score (SiD; 1e-4 drifted in tests)
-    t_init=960,             # generator input noise level (paper: 960 for EfficientNet features)
+    t_init=960,             # generator input noise level, the one it is distilled at (paper: 960, EfficientNet)
     t_max=990,              # t ~ U{0..t_max} in both updates (Algorithm 1)
     alpha=1.0,              # Eq. 15/27 weight of the -||Delta||^2 term (paper: 1)
     lambda_d=1.0,           # lambda_psi^adv: discriminator loss weight in the psi update
@@ -307,7 +309,8 @@ def predict_x0(x_t, t, eps, abar):
 
 
 def mask_prob(t, cfg):
-    """Eq. 7: p(t) = p_min + (p_max - p_min) (t / T)^kappa, the probability to mask a position."""
+    """Eq. 7: p(t) = p_min + (p_max - p_min) (t / T)^kappa, the probability to mask a position. t runs
+    0..T-1 here, as everywhere in this file (abar[0] = 1 - beta_1), so p peaks a hair below p_max."""
     return cfg['p_min'] + (cfg['p_max'] - cfg['p_min']) * (t.float() / cfg['T']) ** cfg['kappa']
 
 
