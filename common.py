@@ -181,6 +181,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
     if cfg['batch_size'] < 1:
         raise UserError(f"--batch_size must be at least 1 (got {cfg['batch_size']})")
+    if not 0 <= cfg['val_frac'] < 1:
+        raise UserError(f"--val_frac is the share of train/good held out: 0 <= val_frac < 1 (got {cfg['val_frac']})")
     if cfg.get('dtd_root'):
         _dtd_files(cfg['dtd_root'])      # a wrong folder fails now, not after a first training stage
     if preset == 'paper' and cfg['device'] == 'cpu' and cli_args.get('device', 'auto') == 'auto':
@@ -682,15 +684,15 @@ def _read(src, size, mask=False):
     try:
         im = Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)
         ImageOps.exif_transpose(im, in_place=True)
+        if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale -> 8 bits (a 16-bit or [0,1]
+            a = np.asarray(im, np.float64)             # mask too, so that its 0.5 is 127; not class ids)
+            bits16 = (im.mode.startswith('I;16') or im.format == 'PNG') and not mask or a.max() > 255
+            a = a / 257 if bits16 else a * 255 if a.max() <= 1 else a   # Pillow < 10.3 opens 16-bit PNGs as 'I'
+            im = Image.fromarray(np.uint8(np.clip(np.round(a), 0, 255)))
         if mask:   # channels -> max, alpha ignored; > 127, or > 0 for class ids (a file all below 128):
             grey = lambda a: (a[..., :-1] if 'A' in im.mode else a).max(-1) if a.ndim == 3 else a
             cut = 127 if grey(np.asarray(im)).max() >= 128 else 0   # on the file: a resize may drop a small core
             return (grey(np.asarray(im.resize((size, size), Image.NEAREST))) > cut).astype(np.uint8)[None]
-        if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale
-            a = np.asarray(im, np.float64)
-            bits16 = im.mode.startswith('I;16') or im.format == 'PNG' or a.max() > 255   # Pillow < 10.3 opens
-            a = a / 257 if bits16 else a * 255 if a.max() <= 1 else a                  # 16-bit PNGs as 'I'
-            im = Image.fromarray(np.uint8(np.clip(np.round(a), 0, 255)))
         im = im.convert('RGB').resize((size, size), Image.BILINEAR)
     except (OSError, ValueError) as e:
         raise UserError(f'cannot read {src}: {e}')
@@ -1142,6 +1144,8 @@ def perlin_anomaly(sample, rng, p=0.5, beta=(0.2, 0.8), dtd_root='', fg=None, dt
 
 def _curves(y, s):
     """Sort once (descending); cumulative true/false positives at every distinct threshold."""
+    if len(y) != len(s):
+        raise ValueError(f'{len(y)} labels but {len(s)} scores (one per image, or per mask and map pixel)')
     s, order = torch.from_numpy(s).sort(descending=True)   # faster than np.argsort on 2 cores
     s, order = s.numpy(), order.numpy()
     last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]   # last index of each threshold

@@ -58,6 +58,7 @@ def test_config_forms_types_and_presets(capsys):
     (['--preset', 'huge'], "unknown preset 'huge'"),
     (['--dtype', 'float16'], "--dtype must be float32 or bfloat16 (got 'float16')"),
     (['--batch_size', '0'], '--batch_size must be at least 1'),
+    (['--val_frac', '-0.2'], '0 <= val_frac < 1 (got -0.2)'),      # would swap the train and val shares
     (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),
     (['--device', 'gpu'], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
 ] + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda: no cuda device here; use --device cpu')]))
@@ -203,6 +204,11 @@ def test_mask_files_in_any_mode_are_binarised(tmp_path):
     soft[:] = 0                                        # the rule is read off the file: a resize that keeps
     soft[8:12, 8:12], soft[9:11, 9:11] = 60, 255       # only the rim of a small defect does not make the
     assert common._read(soft, 6, mask=True).sum() == 0  # rim a class-id defect (the defect is lost: a warning)
+    for name, full, dtype, ext in (('w16', 65535, np.uint16, 'png'), ('f32', 1.0, np.float32, 'tif')):
+        deep = np.zeros((20, 20), dtype)               # 16-bit and [0,1] float masks: 0.5 of their own scale
+        deep[5:10, 5:10], deep[15, 15] = full, 0.39 * full
+        Image.fromarray(deep).save(tmp_path / f'{name}.{ext}')
+        assert common._read(str(tmp_path / f'{name}.{ext}'), 20, mask=True).sum() == 25, name
 
 
 def test_masks_are_checked_against_their_images(tmp_path):
@@ -510,6 +516,14 @@ def test_undefined_metrics_are_nan_with_a_warning():
     with pytest.warns(UserWarning, match='non-finite'):
         assert np.isnan(common.image_metrics([0, 1], [0.1, np.nan])['image_auroc'])
     assert np.isnan(common.compute_metrics([0, 1], [0.1, 0.3])['pixel_ap'])   # no masks: image only
+
+
+def test_masks_and_maps_of_different_sizes_are_an_error():
+    masks = np.zeros((2, 4, 5), bool)
+    masks[0, 1:3, 1:3] = True
+    for metric in (common.pixel_metrics, common.aupro):       # not numbers over misaligned pixels
+        with pytest.raises(ValueError, match='40 labels but 32 scores'):
+            metric(masks, np.random.rand(2, 4, 4))
 
 
 def test_gaussian_blur_equals_scipy_gaussian_filter():
