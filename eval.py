@@ -266,15 +266,15 @@ def compare(root):
         r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
         preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '')   # a re-evaluation
         cfg = {k: v for k, v in r['config'].items() if k not in per_run or k in common.MEASURED_KEYS}
-        setting = json.dumps([cfg, r['protocol']['eval_size'], r['protocol']['mask_rule']], sort_keys=True)
+        setting = json.dumps(dict(cfg, mask_rule=r['protocol']['mask_rule']), sort_keys=True)   # eval_size: in cfg
         runs.setdefault((r['method'], r['data'], r['category'], preset, setting), []).append(r)
     if not runs:
         raise UserError(f'no results.json under {root}')
     rows, lines = {}, [('method / data / category / preset', f"{'seeds':>6}" + ''.join(f'{n:>13}' for n in NAMES)
                         + f"{'ms/img':>9}{'params M':>10}{'train min':>10}  NFE")]
     for (method, data, cat, preset, setting), rs in sorted(runs.items()):
-        others = [json.loads(k[4])[0] for k in runs if k[:4] == (method, data, cat, preset) and k[4] != setting]
-        mine = json.loads(setting)[0]       # other configs of this preset: label by the keys that differ
+        others = [json.loads(k[4]) for k in runs if k[:4] == (method, data, cat, preset) and k[4] != setting]
+        mine = json.loads(setting)          # other settings of this preset: label by the keys that differ
         diff = [f"{k}={mine.get(k, '<absent>')}" for k in sorted(set(mine).union(*others))   # <absent>: a key
                 if any(o.get(k) != mine.get(k) for o in others)]                        # added since
         preset += (' ' + (' '.join(diff) or hashlib.sha1(setting.encode()).hexdigest()[:6])) if others else ''

@@ -338,6 +338,9 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
         json.dump(dict(r, seed=5, config=dict(r['config'], **change)), open(tmp_path / name / 'results.json', 'w'))
     labels = [k[3] for k in E.compare(str(tmp_path))]
     assert any('batch_size=64' in label for label in labels) and not any('compile' in label for label in labels)
+    os.makedirs(tmp_path / 'oldrule')      # same config, older mask rule: a setting of its own, labelled so
+    json.dump(dict(r, protocol=dict(r['protocol'], mask_rule='mask > 0')), open(tmp_path / 'oldrule' / 'results.json', 'w'))
+    assert sum('mask_rule=mask > 0 ' in k[3] for k in E.compare(str(tmp_path))) == 1
     with pytest.raises(UserError, match='no results.json under'):
         E.compare(str(tmp_path / 'empty'))
 
