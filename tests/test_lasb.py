@@ -191,6 +191,15 @@ def trained(tmp_path_factory):
     return model, cfg, batch
 
 
+def test_both_stages_step_their_optimisers(trained):
+    """Layers that start at zero have moved: the autoencoder's (stage 1), the bridge U-Net's trained
+    weights and their EMA (stage 2). A loop that never stepped its optimiser would leave them at 0."""
+    model, cfg, _ = trained
+    net = common.read_checkpoint(os.path.join(cfg['out_dir'], 'ckpt.pt'))['net']
+    for w in (model.state_dict()['ae.decoder.3.out.weight'], net['out.2.weight'], model.unet.out[-1].weight):
+        assert w.abs().sum() > 0
+
+
 def test_predict_outputs(trained):
     model, cfg, batch = trained
     out = model.predict(batch)
