@@ -227,6 +227,57 @@ def test_generator_loss_is_sid_plus_the_adversarial_term(tmp_path):
     torch.testing.assert_close(total.detach(), l_sid + cfg['lambda_adv'] * l_adv, rtol=1e-6, atol=1e-9)
 
 
+def test_adversarial_and_student_losses_by_hand(tmp_path):
+    """Eq. 18's non-saturating generator term (logits clamped, divided by wf as SiDA) and the psi
+    update's loss, Eq. 13 + lambda_d x the discriminator's BCE on real y_t / fake x_t (-Eq. 17 / 2),
+    recomputed here from the same draws."""
+    torch.manual_seed(0)
+    model = omiad.Model(tiny_cfg(tmp_path))
+    cfg, x0, psi = model.cfg, torch.randn(4, 48, 8, 8), copy.deepcopy(model.teacher).requires_grad_(True)
+    torch.nn.init.normal_(psi.out[-1].weight, std=0.05)
+    x_g = model.generate(model.generator, x0, torch.randn(x0.shape, generator=common.generator(0, 0)), cfg['t_init'])
+    draws = lambda: (lambda g: (torch.randint(0, cfg['t_max'] + 1, (4,), generator=g),
+                                torch.randn(x0.shape, generator=g)))(common.generator(0, 1))
+    _, _, l_adv = omiad.generator_loss(model, psi, x_g, common.generator(0, 1), cfg, use_adv=True)
+    loss = omiad.psi_update(model, psi, torch.optim.Adam(psi.parameters()), x0, x_g.detach(),
+                            common.generator(0, 1), cfg)[0]
+    t, eps = draws()
+    a = model.abar[t].view(-1, 1, 1, 1)
+    x_t, y_t = a.sqrt() * x_g + (1 - a).sqrt() * eps, a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with torch.no_grad():
+        eps_phi, (eps_psi, d_fake), d_real = model.teacher(x_t, t), psi(x_t, t, logits=True), psi.disc(y_t, t)
+        wf = (((1 - a) / a).sqrt() * (eps - eps_phi)).abs().mean((1, 2, 3))
+        c = cfg['logit_clamp']
+        want_adv = (F.softplus(-d_fake.clamp(-c, c)).flatten(1).mean(1) / wf).mean()     # -log D(x_t)
+        want_psi = F.mse_loss(eps_psi, eps) + cfg['lambda_d'] * 0.5 * (
+            F.softplus(-d_real).mean() + F.softplus(d_fake).mean())                       # -log D(y) - log(1 - D(x))
+    torch.testing.assert_close(l_adv, want_adv, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), want_psi, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_ddim_by_hand_and_its_calls(tmp_path):
+    """--use_teacher --teacher_steps K: K teacher calls at t_init, ..., t_init / K; K = 2 equals two
+    deterministic DDIM steps (eta = 0) computed here."""
+    torch.manual_seed(0)
+    model = omiad.Model(dict(tiny_cfg(tmp_path), t_init=100, teacher_steps=2)).eval()
+    torch.nn.init.normal_(model.teacher.out[-1].weight, std=0.05)
+    x0, eps, a = torch.randn(2, 48, 8, 8), torch.randn(2, 48, 8, 8), model.abar
+    calls = []
+    hook = model.teacher.register_forward_hook(lambda net, args, out: calls.append(int(args[1][0])))
+    with torch.no_grad():
+        got = model.ddim(x0, eps)
+        model.cfg['teacher_steps'] = 3
+        model.ddim(x0, eps)
+        hook.remove()
+        x = a[100].sqrt() * x0 + (1 - a[100]).sqrt() * eps
+        e = model.teacher(x, torch.full((2,), 100))
+        x = a[50].sqrt() * (x - (1 - a[100]).sqrt() * e) / a[100].sqrt() + (1 - a[50]).sqrt() * e
+        e = model.teacher(x, torch.full((2,), 50))
+        want = (x - (1 - a[50]).sqrt() * e) / a[50].sqrt()
+    assert calls == [100, 50, 100, 67, 33]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_distillation_starts_from_the_teacher(run):
     """Alg. 1 line 2 (theta <- phi) in the training run itself: the first stage-2 checkpoint holds a
     generator equal to the trained teacher."""
