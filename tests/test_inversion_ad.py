@@ -135,7 +135,7 @@ def test_train_step_is_eq_9_and_lowers_the_loss(tmp_path):
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_train_loss_and_nfe(trained):
+def test_nfe_is_S_and_predict_shapes(trained):
     model, batch, _ = trained
     calls, S0 = [], model.cfg['S']
     hook = model.unet.register_forward_hook(lambda *a: calls.append(1))
@@ -267,7 +267,7 @@ def test_calibration_on_too_few_validation_images_warns(trained, capsys):
 def test_cli_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='2..10'):
         ia.train(tiny_cfg(tmp_path, '--S', '11'))
-    with pytest.raises(common.UserError, match='S'):
+    with pytest.raises(common.UserError, match='--S expects int'):
         common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
     for flags, message in ((['--feature_size', '6', '--channel_mult', '1,2,2'], 'feature_size must be divisible by 4'),
                            (['--channels', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),

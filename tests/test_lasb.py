@@ -45,7 +45,7 @@ def test_schedule_symmetry_and_endpoints():
     b = paper_bridge()                                            # the model keeps float32 buffers
     assert all(v.dtype == torch.float32 for v in b.buffers())
     assert lasb.space_indices(1000, 101)[:3] == [0, 10, 20] and lasb.space_indices(1000, 101)[-1] == 999
-    with pytest.raises(common.UserError):
+    with pytest.raises(common.UserError, match='--T must be even'):
         lasb.bridge_schedule(999, 0.1, 0.3)
 
 

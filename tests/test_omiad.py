@@ -377,7 +377,7 @@ def test_a_stage_1_checkpoint_is_refused_for_evaluation(run):
 
 
 def test_cli_errors(tmp_path):
-    with pytest.raises(common.UserError, match='mask'):
+    with pytest.raises(common.UserError, match='--mask must be spatial or element'):
         omiad.train(tiny_cfg(tmp_path, '--mask', 'patch'))
     with pytest.raises(common.UserError, match='did you mean --t_init'):
         tiny_cfg(tmp_path, '--t_inti', '400')
