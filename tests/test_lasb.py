@@ -200,6 +200,26 @@ def test_both_stages_step_their_optimisers(trained):
         assert w.abs().sum() > 0
 
 
+def test_map_and_score_are_diads_by_hand(trained):
+    """map = blur(sum over stages of 1 - cos(f(x), f(x^)), bilinear, align_corners) + pixel_weight x
+    blur(channel mean of |x - x^|); score = max after score_pool[1] stride-1 average poolings."""
+    model, _, batch = trained
+    cfg0 = model.cfg
+    model.cfg = dict(cfg0, n_samples=1, pixel_weight=0.5, sigma=2.0, score_pool=(3, 2))
+    try:
+        out = model.predict(batch)
+    finally:
+        model.cfg = cfg0
+    x, xr = batch['image'], out['recon']                  # recon: the sample the map was made from
+    with torch.no_grad():
+        fmap = sum(F.interpolate(1 - F.cosine_similarity(a, b, dim=1)[:, None], size=x.shape[-2:], mode='bilinear',
+                                 align_corners=True) for a, b in zip(model.features(x), model.features(xr)))
+    amap = common.gaussian_blur(fmap, 2.0) + 0.5 * common.gaussian_blur((x - xr).abs().mean(1, keepdim=True), 2.0)
+    pooled = F.avg_pool2d(F.avg_pool2d(amap, 3, stride=1), 3, stride=1)
+    torch.testing.assert_close(out['map'], amap[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out['score'], pooled.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
+
+
 def test_predict_outputs(trained):
     model, cfg, batch = trained
     out = model.predict(batch)
