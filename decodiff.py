@@ -516,7 +516,7 @@ def autoencoder_loss(model, batch, gen, cfg):
     both summed per image as in LDM (so ae_kl=1e-6 means what it means there), divided by the
     pixel count for readable logs; one random crop position per batch (cheaper steps)."""
     x = batch['image'].to(model.abar.device) * 2 - 1                          # [-1, 1]
-    crop = cfg['ae_crop'] or x.shape[-1]
+    crop = min(cfg['ae_crop'] or x.shape[-1], x.shape[-1])                   # at most the whole image
     i, j = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen).tolist()
     x = x[..., i:i + crop, j:j + crop]
     mean, logvar = model.vae.encode(x)

@@ -229,6 +229,23 @@ def test_training_reduces_the_corrector_loss_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_training_reduces_the_autoencoder_loss_on_a_fixed_batch():
+    """Stage 1's loss (L1 + ae_kl x KL of the small autoencoder), one fixed batch, crop and noise."""
+    torch.manual_seed(0)
+    model = tiny_model(image_size=32).train()
+    model.vae.requires_grad_(True)                     # frozen in the model; stage 1 trains it
+    batch = dict(image=torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    opt = torch.optim.AdamW(model.vae.parameters(), lr=1e-3)
+    losses = []
+    for step in range(30):
+        loss = d.autoencoder_loss(model, batch, torch.Generator().manual_seed(0), model.cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
 def test_paper_schedule_follows_the_papers_epochs():
     cfg = dict(d.config, batch_size=128)                   # Sec. 5.1: 800 epochs on MVTec, 200 on VisA
     assert d.corrector_schedule(dict(cfg, data='mvtec'), 3267) == (20419, 256)    # 10-epoch warm-up
