@@ -336,22 +336,7 @@ def run(cfg, train, Model):
                 print0(f'{path} has finished training: evaluating it, as --eval does')
                 c = dict(c, eval=True, train=False)
             if done is None and c['eval'] and not c['train']:
-                ckpt = read_checkpoint(path)        # the run's results come from its finished model only
-                if ckpt.get('final') is False:      # (refused here, before load() would warn about it)
-                    raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
-                                    f'with --resume, or evaluate it as it is with python eval.py {path}')
-                model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
-                changed = {k: c[k] for k in c.get('cli_keys', ())   # typed keys: never ignored silently, nor
-                           if (k not in RUNTIME_KEYS + RESUME_KEYS or k in MEASURED_KEYS)   # evaluated into
-                           and c[k] != ckpt['config'].get(k)}                            # the run's results
-                if changed:
-                    trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
-                    infer = getattr(Model, 'INFER_KEYS', ())              # a method may have none
-                    hint = f"only inference keys may differ ({', '.join(infer) or 'none'})"
-                    if set(changed) <= set(infer) | set(MEASURED_KEYS):
-                        hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
-                            f' --{k} {v}' for k, v in changed.items())
-                    raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
+                model, ckpt = _load_finished(c, path, Model)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:
                 model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
@@ -364,6 +349,28 @@ def run(cfg, train, Model):
             barrier()
     finally:
         dist_teardown()
+
+
+def _load_finished(c, path, Model):
+    """(model, ckpt) of a finished run for --eval, or a one-line error: a mid-run checkpoint, or a key
+    typed now that differs from the one trained with (it would be ignored, or evaluated into the run's
+    results; inference keys and data go through eval.py instead)."""
+    ckpt = read_checkpoint(path)        # the run's results come from its finished model only
+    if ckpt.get('final') is False:      # (refused here, before load() would warn about it)
+        raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
+                        f'with --resume, or evaluate it as it is with python eval.py {path}')
+    model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
+    changed = {k: c[k] for k in c.get('cli_keys', ()) if (k not in RUNTIME_KEYS + RESUME_KEYS or k in MEASURED_KEYS)
+               and c[k] != ckpt['config'].get(k)}
+    if changed:
+        trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
+        infer = getattr(Model, 'INFER_KEYS', ())              # a method may have none
+        hint = f"only inference keys may differ ({', '.join(infer) or 'none'})"
+        if set(changed) <= set(infer) | set(MEASURED_KEYS):
+            hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
+                f' --{k} {v}' for k, v in changed.items())
+        raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
+    return model, ckpt
 
 
 def _finished(c, path):
