@@ -2,7 +2,7 @@
 eval.py: the one evaluation protocol for all five methods (and the two baselines).
 
 $ python eval.py out/omiad_synthetic_all_tiny_s0/ckpt.pt            # evaluate a checkpoint
-$ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS may be overridden
+$ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS may be overridden (S: InversionAD, DeCo-Diff)
 $ python eval.py --compare out/                                     # one table over all runs
 $ python eval.py --predict out/<run>/ckpt.pt image.png [--category NAME]    # one image: score + heatmap
 $ python eval.py --bench omiad --preset paper --device cuda [--networks_only]   # params, FLOPs, speed
