@@ -693,7 +693,7 @@ def _read(src, size, mask=False):
         ImageOps.exif_transpose(im, in_place=True)
         if im.mode.startswith('I') or im.mode == 'F':   # 16/32-bit greyscale -> 8 bits (a 16-bit or [0,1]
             a = np.asarray(im, np.float64)             # mask too, so that its 0.5 is 127; not class ids)
-            bits16 = (im.mode.startswith('I;16') or im.format == 'PNG') and not mask or a.max() > 255
+            bits16 = ((im.mode.startswith('I;16') or im.format == 'PNG') and not mask) or a.max() > 255
             a = a / 257 if bits16 else a * 255 if a.max() <= 1 else a   # Pillow < 10.3 opens 16-bit PNGs as 'I'
             im = Image.fromarray(np.uint8(np.clip(np.round(a), 0, 255)))
         if mask:   # channels -> max, alpha ignored; > 127, or > 0 for class ids (a file all below 128):

@@ -138,7 +138,7 @@ config = dict(
     epochs=3000,             # used when steps=0 (paper: 3000 epochs, per category)
     lr=1e-4,                 # Adam, U-Net
     lr_seg=1e-5,             # Adam, segmentation net (official code; the paper says 1e-4)
-    seg_cosine=10,           # seg LR: cosine to 0 over T_max steps and back, period 2 T_max (official: 10); 0 = constant
+    seg_cosine=10,           # seg LR: cosine to 0 over T_max steps and back up (official: 10); 0 = constant
     anneal=False,            # instead, anneal both LRs to 0 over the run with one cosine (tiny preset)
     focal_weight=5.0,        # weight of the focal term in Eq. 10 (the paper's gamma)
     p_anomaly=0.5,           # probability that a training image gets a synthetic anomaly
