@@ -179,8 +179,9 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
     cfg['device'] = pick_device(cfg['device'])
     if cfg['dtype'] not in ('float32', 'bfloat16'):
         raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
-    if cfg['batch_size'] < 1:
-        raise UserError(f"--batch_size must be at least 1 (got {cfg['batch_size']})")
+    for key in ('batch_size', 'image_size'):
+        if cfg[key] < 1:
+            raise UserError(f'--{key} must be at least 1 (got {cfg[key]})')
     if not 0 <= cfg['val_frac'] < 1:
         raise UserError(f"--val_frac is the share of train/good held out: 0 <= val_frac < 1 (got {cfg['val_frac']})")
     if cfg.get('dtd_root'):
@@ -339,7 +340,10 @@ def run(cfg, train, Model):
                 model, ckpt = _load_finished(c, path, Model)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:
+                before = read_checkpoint(path, mmap=True).get('step') if c['resume'] else None
                 model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
+                if before is not None and read_checkpoint(path, mmap=True).get('step') == before:   # --lr, say
+                    print0(f'note: nothing was trained: {path} had finished and no key typed lengthens it')
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')
                 done = evaluate(model, test, c['out_dir'], c['heatmaps'], seconds, train_versions=trained_with)
@@ -595,6 +599,9 @@ def categories(data, root=''):
     if data == 'folder':
         _check_root(data, root)
         found = tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, 'train'))))
+        skipped = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in found)
+        if skipped and found:
+            warnings.warn(f"{root}: {', '.join(skipped)} have no train/ folder, so they are not categories")
         if not found:
             one = os.path.isdir(os.path.join(root, 'train'))      # the root is itself one category
             raise UserError(f'no category folders (<category>/train) in {root}' + (

@@ -2,7 +2,7 @@
 eval.py: the one evaluation protocol for all five methods (and the two baselines).
 
 $ python eval.py out/omiad_synthetic_all_tiny_s0/ckpt.pt            # evaluate a checkpoint
-$ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS may be overridden (S: InversionAD, DeCo-Diff)
+$ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS (S: InversionAD, DeCo-Diff)
 $ python eval.py --compare out/                                     # one table over all runs
 $ python eval.py --predict out/<run>/ckpt.pt image.png [--category NAME]    # one image: score + heatmap
 $ python eval.py --bench omiad --preset paper --device cuda [--networks_only]   # params, FLOPs, speed
@@ -305,10 +305,9 @@ def predict(ckpt, image_path, out='', category=''):
     x = torch.tensor(common._read(image_path, model.cfg['image_size'])).float()[None] / 255
     o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[os.path.basename(image_path)]))
     amap = o['map'][0].float().cpu().numpy()
-    out = out or os.path.splitext(os.path.basename(image_path))[0] + '_heatmap.png'
-    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    Image.fromarray(_panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap,
-                           amap.min(), amap.max())).save(out)
+    out = out or '_'.join(os.path.splitext(os.path.abspath(image_path))[0].split(os.sep)[-2:]) + '_heatmap.png'
+    panel = _panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap, amap.min(), amap.max())
+    common.write_atomic(out, lambda f: Image.fromarray(panel).save(f, 'PNG'))
     score = float(o['score'][0])
     if not np.isfinite(score):   # e.g. InversionAD saved before its validation statistics exist
         raise UserError(f'{ckpt} scores this image {score}: saved before its training finished, or a bug in its predict')
@@ -433,8 +432,9 @@ def main(argv=None):
             raise UserError('--category needs a value')
         category = argv[i] if i else next((a.split('=', 1)[1] for a in argv if a.startswith('--category=')), '')
         rest = [a for j, a in enumerate(argv[1:], 1) if j != i and not a.startswith('--category')]
-        if not 2 <= len(rest) <= 3 or any(a.startswith('--') for a in rest):   # no other options here
-            raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png] [--category NAME]')
+        if not 2 <= len(rest) <= 3 or any(a.startswith('--') for a in rest) or len(rest) == 3 and os.path.exists(
+                rest[2]) and not rest[2].endswith('_heatmap.png'):       # a second image is not overwritten
+            raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png] [--category NAME] (OUT: a new file)')
         return predict(*rest[:3], category=category)
     elif argv[0] == '--bench':
         if len(argv) < 2:

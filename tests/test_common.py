@@ -58,6 +58,7 @@ def test_config_forms_types_and_presets(capsys):
     (['--preset', 'huge'], "unknown preset 'huge'"),
     (['--dtype', 'float16'], "--dtype must be float32 or bfloat16 (got 'float16')"),
     (['--batch_size', '0'], '--batch_size must be at least 1'),
+    (['--image_size', '0'], '--image_size must be at least 1 (got 0)'),
     (['--val_frac', '-0.2'], '0 <= val_frac < 1 (got -0.2)'),      # would swap the train and val shares
     (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),
     (['--device', 'gpu'], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
@@ -319,6 +320,9 @@ def test_loader_errors(tmp_path):
         common.load_dataset(_cfg('mvtec', tmp_path / 'other', 'bottle'), 'test')
     with pytest.raises(UserError, match='no category folders .* pass its parent as --data_root and --category bottle'):
         common.load_dataset(_cfg('folder', root / 'bottle', 'all'), 'test')       # one category's folder
+    os.makedirs(root / 'gizmo' / 'test')                                        # no train/: not a category, said so
+    with pytest.warns(UserWarning, match='gizmo have no train/ folder, so they are not categories'):
+        assert common.categories('folder', str(root)) == ('bottle',)
     os.remove(root / 'bottle' / 'ground_truth' / 'crack' / '000_mask.png')
     with pytest.raises(UserError, match='image/mask mismatch: .*crack/000.png has no mask 000_mask.png'):
         common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')

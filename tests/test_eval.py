@@ -121,8 +121,10 @@ def test_resume_of_a_finished_run_evaluates_it_without_training_or_saving(tmp_pa
     assert 'has finished training: evaluating it, as --eval does' in capsys.readouterr().out
     assert open(ckpt, 'rb').read() == saved
     assert json.load(open(os.path.join(out, 'results.json')))['train_seconds'] == seconds
+    toy_method.main(['--out_dir', out, '--resume', '--lr', '0.5'])        # typed, but lengthens nothing
+    assert 'note: nothing was trained: ' in capsys.readouterr().out and common.read_checkpoint(ckpt)['step'] == 3
     toy_method.main(['--out_dir', out, '--resume', '--steps', '4'])
-    assert common.read_checkpoint(ckpt)['step'] == 4
+    assert common.read_checkpoint(ckpt)['step'] == 4 and 'nothing was trained' not in capsys.readouterr().out
 
 
 def test_each_resumes_its_killed_category_and_trains_the_rest(tmp_path, capsys):
@@ -200,6 +202,24 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     score, amap = E.predict(ckpt, str(img), str(tmp_path / 'new' / 'h.png'))     # the folder is made
     assert score == pytest.approx(expected.item(), abs=1e-6) and os.path.isfile(tmp_path / 'new' / 'h.png')
     assert r['metrics']['capsule']['image_auroc'] == r['metrics']['capsule']['image_auroc']   # not NaN
+
+
+def test_predict_never_overwrites_a_second_image(tmp_path, monkeypatch):
+    """`--predict CKPT a/000.png b/000.png` (two images, or a shell glob) is refused, not a heatmap
+    written over b/000.png; default heatmap names keep the folder, as MVTec repeats 000.png per folder."""
+    ckpt = os.path.join(toy(tmp_path, '--steps', '2'), 'ckpt.pt')
+    for folder in ('a', 'b'):
+        os.makedirs(tmp_path / folder)
+        Image.fromarray(np.full((32, 32, 3), 60, np.uint8)).save(tmp_path / folder / '000.png')
+    before = (tmp_path / 'b' / '000.png').read_bytes()
+    with pytest.raises(UserError, match=r'usage: python eval.py --predict CKPT IMAGE \[OUT.png\] .*\(OUT: a new file\)'):
+        E.main(['--predict', ckpt, str(tmp_path / 'a' / '000.png'), str(tmp_path / 'b' / '000.png')])
+    assert (tmp_path / 'b' / '000.png').read_bytes() == before
+    monkeypatch.chdir(tmp_path)
+    for folder in ('a', 'b', 'a'):                       # the second run of a rewrites its own heatmap
+        E.main(['--predict', ckpt, str(tmp_path / folder / '000.png')])
+    E.main(['--predict', ckpt, str(tmp_path / 'a' / '000.png'), 'a_000_heatmap.png'])   # an earlier heatmap: fine
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.png')) == ['a_000_heatmap.png', 'b_000_heatmap.png']
 
 
 def test_predict_on_a_class_conditioned_multi_class_model_needs_the_category(tmp_path):
