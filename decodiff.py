@@ -536,6 +536,8 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        if min(cfg['gamma_p'], cfg['gamma_l']) <= 0 or min(cfg['sigma_pix'], cfg['sigma_lat'], cfg['sigma_map']) < 0:
+            raise common.UserError('--gamma_p and --gamma_l must be > 0 (map thresholds), the --sigma_* >= 0 (blurs)')
         self.cfg = cfg
         sd = cfg['vae'] == 'sd'
         self.vae = AutoencoderKL(*((SD_VAE['channels'], SD_VAE['layers']) if sd else

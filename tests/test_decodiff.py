@@ -328,6 +328,9 @@ def test_exact_resume_across_both_stages(tmp_path, monkeypatch):
 
 
 def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
+    for key, value in (('gamma_l', 0.0), ('sigma_map', -1.0)):    # a division by 0; a blur that is none
+        with pytest.raises(common.UserError, match='--gamma_p and --gamma_l must be > 0'):
+            tiny_model(**{key: value})
     with pytest.raises(common.UserError, match='vae_weights'):
         d.train(small_cfg(tmp_path, '--vae', 'sd'))
     with pytest.raises(common.UserError, match='reverse steps'):
