@@ -342,8 +342,10 @@ def run(cfg, train, Model):
             elif done is None:
                 before = read_checkpoint(path, mmap=True).get('step') if c['resume'] else None
                 model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
-                if before is not None and read_checkpoint(path, mmap=True).get('step') == before:   # --lr, say
+                after = read_checkpoint(path, mmap=True) if rank == 0 and os.path.isfile(path) else {}
+                if before is not None and after.get('step') == before:   # --lr, say
                     print0(f'note: nothing was trained: {path} had finished and no key typed lengthens it')
+                seconds = after.get('train_seconds', seconds)   # the checkpoint's, which re-evaluations report
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')
                 done = evaluate(model, test, c['out_dir'], c['heatmaps'], seconds, train_versions=trained_with)

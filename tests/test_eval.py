@@ -55,6 +55,7 @@ def test_train_evaluate_and_results_schema(tmp_path, capsys):
     assert r['nfe'] == {'net': 1} and r['params']['net'] == r['params']['total'] > 0
     assert r['protocol']['eval_size'] == 128 and r['config']['steps'] == 6 and r['ms_per_image'] > 0
     assert r['versions']['torch'] == str(torch.__version__) and r['train_seconds'] > 0
+    assert r['train_seconds'] == common.read_checkpoint(out)['train_seconds']    # as a re-evaluation reports it
     m = r['metrics']['weave']
     assert all(0 <= m[k] <= 1 for k in common.METRICS) and m['mad'] == pytest.approx(np.mean([m[k] for k in common.METRICS]))
     pngs = sorted(os.listdir(os.path.join(out, 'heatmaps', 'weave')))
