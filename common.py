@@ -333,17 +333,17 @@ def run(cfg, train, Model):
             trained_with, path, done = None, os.path.join(c['out_dir'], 'ckpt.pt'), None
             if each and c['resume'] and not c['eval']:
                 c, done = _resume_each(c, cfg['out_dir'], cats)
-            if done is None and c['resume'] and not c['eval'] and _finished(c, path):
+            saved = read_checkpoint(path, mmap=True) if done is None and c['resume'] and os.path.isfile(path) else None
+            if saved and not c['eval'] and _finished(c, saved):
                 print0(f'{path} has finished training: evaluating it, as --eval does')
                 c = dict(c, eval=True, train=False)
             if done is None and c['eval'] and not c['train']:
                 model, ckpt = _load_finished(c, path, Model)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:
-                before = read_checkpoint(path, mmap=True).get('step') if c['resume'] else None
                 model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
                 after = read_checkpoint(path, mmap=True) if rank == 0 and os.path.isfile(path) else {}
-                if before is not None and after.get('step') == before:   # --lr, say
+                if saved and after.get('step') == saved.get('step'):   # --lr, say
                     print0(f'note: nothing was trained: {path} had finished and no key typed lengthens it')
                 seconds = after.get('train_seconds', seconds)   # the checkpoint's, which re-evaluations report
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
@@ -379,13 +379,10 @@ def _load_finished(c, path, Model):
     return model, ckpt
 
 
-def _finished(c, path):
-    """path holds a finished model (not a mid-run checkpoint evaluated by hand) and nothing typed now
-    (--steps, say) would train it further: --resume then evaluates it, without re-saving it or
-    adding to its training time."""
-    if not os.path.isfile(path):
-        return False
-    saved = read_checkpoint(path, mmap=True)
+def _finished(c, saved):
+    """The checkpoint saved (read with mmap) holds a finished model (not a mid-run checkpoint evaluated
+    by hand) and nothing typed now (--steps, say) would train it further: --resume then evaluates it,
+    without re-saving it or adding to its training time."""
     new = [k for k in _given(c) - set(RESUME_KEYS + RUNTIME_KEYS) if c[k] != saved['config'].get(k)]
     return saved.get('final') is not False and not new
 
@@ -396,7 +393,7 @@ def _resume_each(c, root, cats):
     kill, from the start with the options the run was started with (a sibling checkpoint's cli_keys)
     and the ones typed now."""
     done, path = os.path.join(c['out_dir'], 'results.json'), os.path.join(c['out_dir'], 'ckpt.pt')
-    if os.path.isfile(done) and _finished(c, path):
+    if os.path.isfile(done) and os.path.isfile(path) and _finished(c, read_checkpoint(path, mmap=True)):
         print0(f"{c['category']}: finished; kept as it was")
         return c, json.load(open(done))
     siblings = [p for p in (os.path.join(root, k, 'ckpt.pt') for k in cats) if os.path.isfile(p)]
@@ -600,8 +597,9 @@ def categories(data, root=''):
         return SYNTHETIC
     if data == 'folder':
         _check_root(data, root)
-        found = tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, 'train'))))
-        skipped = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in found)
+        dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+        found = tuple(sorted(d for d in dirs if os.path.isdir(os.path.join(root, d, 'train'))))
+        skipped = sorted(set(dirs) - set(found))
         if skipped and found:
             warnings.warn(f"{root}: {', '.join(skipped)} have no train/ folder, so they are not categories")
         if not found:
