@@ -537,7 +537,7 @@ def train(cfg):
     batches = common.train_batches(data, cfg, step,
                                    functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))
     net = torch.compile(model) if cfg['compile'] else model   # shares the weights of model
-    ckpt_path, rank = os.path.join(cfg['out_dir'], 'ckpt.pt'), common.rank_world()[0]
+    ckpt_path, (rank, world) = os.path.join(cfg['out_dir'], 'ckpt.pt'), common.rank_world()
     model.train()
     t0, t_log, avg = time.time(), time.time(), np.zeros(4)   # sums of (loss, noise, mask, steps)
     for step in tqdm(range(step, steps), initial=step, total=steps, disable=rank != 0, leave=False):
@@ -547,10 +547,10 @@ def train(cfg):
         avg += (*train_step(net, model, opts, next(batches), cfg, step), 1)
         done = step + 1
         if done % cfg['log_interval'] == 0 or done == steps:
-            if common.rank_world()[1] > 1:     # the mean over every rank's samples (rank 0's own noise
+            if world > 1:                      # the mean over every rank's samples (rank 0's own noise
                 sums = torch.tensor(avg, device=cfg['device'])   # loss is its share times world)
                 torch.distributed.all_reduce(sums)
-                avg = sums.cpu().numpy() / common.rank_world()[1]
+                avg = sums.cpu().numpy() / world
             loss, l_noise, l_mask, n = *(avg[:3] / avg[3]), avg[3]
             if rank == 0:
                 lr, lr_seg = learning_rates(cfg, step, steps)

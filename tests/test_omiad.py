@@ -236,12 +236,11 @@ def test_adversarial_and_student_losses_by_hand(tmp_path):
     cfg, x0, psi = model.cfg, torch.randn(4, 48, 8, 8), copy.deepcopy(model.teacher).requires_grad_(True)
     torch.nn.init.normal_(psi.out[-1].weight, std=0.05)
     x_g = model.generate(model.generator, x0, torch.randn(x0.shape, generator=common.generator(0, 0)), cfg['t_init'])
-    draws = lambda: (lambda g: (torch.randint(0, cfg['t_max'] + 1, (4,), generator=g),
-                                torch.randn(x0.shape, generator=g)))(common.generator(0, 1))
     _, _, l_adv = omiad.generator_loss(model, psi, x_g, common.generator(0, 1), cfg, use_adv=True)
     loss = omiad.psi_update(model, psi, torch.optim.Adam(psi.parameters()), x0, x_g.detach(),
                             common.generator(0, 1), cfg)[0]
-    t, eps = draws()
+    g = common.generator(0, 1)                            # the draws both functions made from it
+    t, eps = torch.randint(0, cfg['t_max'] + 1, (4,), generator=g), torch.randn(x0.shape, generator=g)
     a = model.abar[t].view(-1, 1, 1, 1)
     x_t, y_t = a.sqrt() * x_g + (1 - a).sqrt() * eps, a.sqrt() * x0 + (1 - a).sqrt() * eps
     with torch.no_grad():
