@@ -64,7 +64,7 @@ BASE_CONFIG = dict(
     image_size=256,         # network input size in pixels (images are resized, not cropped)
     eval_size=0,            # size of maps and masks for the metrics; 0 = 128 on synthetic, 256 otherwise
     val_frac=0.1,           # share of train/good held out as the validation split (never the test set)
-    train=False,            # train, then evaluate (what happens when neither --train nor --eval is given)
+    train=False,            # train, then evaluate (also what happens when neither --train nor --eval is given)
     eval=False,             # only evaluate the checkpoint in out_dir
     resume=False,           # continue out_dir/ckpt.pt exactly (same hardware), with its config + keys given
     dtd_root='',            # DTD folder (images/*/*.jpg) for Perlin anomaly textures; '' = procedural
@@ -182,6 +182,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
     for key in ('batch_size', 'image_size'):
         if cfg[key] < 1:
             raise UserError(f'--{key} must be at least 1 (got {cfg[key]})')
+    if cfg['train'] and cfg['eval']:
+        raise UserError('--train trains and then evaluates, --eval only evaluates a saved run: give one of them')
     if not 0 <= cfg['val_frac'] < 1:
         raise UserError(f"--val_frac is the share of train/good held out: 0 <= val_frac < 1 (got {cfg['val_frac']})")
     if cfg.get('dtd_root'):
@@ -321,7 +323,7 @@ def run(cfg, train, Model):
     try:
         each = cfg['category'] == 'each'
         cats = categories(cfg['data'], cfg['data_root']) if each else [cfg['category']]
-        if not cfg['resume'] and (cfg['train'] or not cfg['eval']):   # a fresh run: fail now, not after training
+        if not cfg['resume'] and not cfg['eval']:   # a fresh run: fail now, not after training
             check_data(cfg)
             for path in (os.path.join(cfg['out_dir'], *([cat] if each else []), 'ckpt.pt') for cat in cats):
                 if os.path.isfile(path):                        # never restart over a run silently
@@ -337,7 +339,7 @@ def run(cfg, train, Model):
             if saved and not c['eval'] and _finished(c, saved):
                 print0(f'{path} has finished training: evaluating it, as --eval does')
                 c = dict(c, eval=True, train=False)
-            if done is None and c['eval'] and not c['train']:
+            if done is None and c['eval']:
                 model, ckpt = _load_finished(c, path, Model)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:

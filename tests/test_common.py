@@ -60,6 +60,7 @@ def test_config_forms_types_and_presets(capsys):
     (['--batch_size', '0'], '--batch_size must be at least 1'),
     (['--image_size', '0'], '--image_size must be at least 1 (got 0)'),
     (['--val_frac', '-0.2'], '0 <= val_frac < 1 (got -0.2)'),      # would swap the train and val shares
+    (['--train', '--eval'], '--eval only evaluates a saved run: give one of them'),
     (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),
     (['--device', 'gpu'], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
 ] + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda: no cuda device here; use --device cpu')]))
