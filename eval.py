@@ -130,8 +130,7 @@ def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'
             continue
         sub = dataset.subset(idx)
         outs = _infer(model, sub, cfg['batch_size'], cfg['eval_size'], timer)
-        if hasattr(model, 'postprocess'):
-            outs = model.postprocess(outs)       # dataset-level scoring, e.g. min-max over the test set
+        outs = model.postprocess(outs) if hasattr(model, 'postprocess') else outs   # e.g. min-max over the test set
         labels, masks = sub.labels.numpy(), sub.masks[:, 0].numpy() if dataset.has_masks[cat] else None
         metrics[cat] = common.compute_metrics(labels, outs['score'], masks, outs['map'])
         extra[cat] = {k: common.image_metrics(labels, v)['image_auroc'] for k, v in outs['scores'].items()}
@@ -260,11 +259,14 @@ def compare(root):
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_source',
                                                                      'backbone_record', 'compile')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
-        parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')
-        if os.path.isfile(parent) and json.load(open(parent)).get('category') == 'each':
+        parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')   # an 'each' run's, or
+        up = json.load(open(parent)) if os.path.isfile(parent) else {}                 # an eval_* folder's run
+        if up.get('category') == 'each':
             continue
         r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
-        preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '')   # a re-evaluation
+        older = tag.startswith('eval_') and str(up.get('train_seconds', r['train_seconds'])) != str(r['train_seconds'])
+        preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '') + (   # a re-evaluation, perhaps of a
+            ' of an earlier checkpoint' if older else '')             # checkpoint --resume has trained further since
         cfg = {k: v for k, v in r['config'].items() if k not in per_run or k in common.MEASURED_KEYS}
         setting = json.dumps(dict(cfg, mask_rule=r['protocol']['mask_rule']), sort_keys=True)   # eval_size: in cfg
         runs.setdefault((r['method'], r['data'], r['category'], preset, setting), []).append(r)
@@ -323,8 +325,6 @@ def bench(method, argv):
     model is costed without running its NFE loop); then, unless --networks_only, ms/image of the
     full predict at batch 1 and 32 and the share spent outside network passes (pipeline overhead)."""
     from torch.utils.flop_counter import FlopCounterMode
-    if method == 'metrics':
-        return bench_metrics()
     networks_only, module = '--networks_only' in argv, common.import_method(method)
     cfg = common.get_config(module.config, module.PRESETS, [a for a in argv if a != '--networks_only'], module.__file__)
     model, device = module.Model(cfg).to(cfg['device']).eval(), torch.device(cfg['device'])
@@ -439,7 +439,7 @@ def main(argv=None):
     elif argv[0] == '--bench':
         if len(argv) < 2:
             raise UserError(f"usage: python eval.py --bench METHOD [--preset paper]; methods: {', '.join(common.METHODS)}")
-        return bench(argv[1], argv[2:])
+        return bench_metrics() if argv[1] == 'metrics' else bench(argv[1], argv[2:])
     elif argv[0] == '--baselines':
         return run_baselines(argv[1:])
     else:

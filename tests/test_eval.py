@@ -336,6 +336,9 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     runs = E.compare(str(tmp_path))
     assert len(runs[('toy_method', 'synthetic', 'weave', 'tiny')]) == 2
     assert len(runs[('toy_method', 'synthetic', 'weave', 'tiny eval_steps3')]) == 1
+    os.makedirs(tmp_path / 's1' / 'eval_steps3')       # made before a --resume trained s1 further: labelled so
+    json.dump(dict(r, train_seconds=r['train_seconds'] / 2), open(tmp_path / 's1' / 'eval_steps3' / 'results.json', 'w'))
+    assert len(E.compare(str(tmp_path))[('toy_method', 'synthetic', 'weave', 'tiny eval_steps3 of an earlier checkpoint')]) == 1
     printed = capsys.readouterr().out
     assert 'INCOMPLETE' in printed and '+-' in printed
     os.makedirs(tmp_path / 'longer')                   # another config under the same preset: not a seed
