@@ -474,12 +474,27 @@ def build(cfg, train_set):
     return model
 
 
-def train(cfg):
-    """Train eps_theta on cached features with Eq. 9 (gamma = 1); returns (model, train_seconds)."""
-    cfg, (rank, _), resume, t0 = dict(cfg), common.rank_world(), cfg['resume'], time.time()
+def check_config(cfg):
     inversion_timesteps(cfg['S'], cfg['T'])                                    # fail early on a bad --S
     if cfg['warmup_epochs'] >= cfg['epochs']:                                 # ... and a warm-up that never ends
         raise UserError(f"--warmup_epochs {cfg['warmup_epochs']} must be fewer than --epochs {cfg['epochs']}")
+
+
+def optimizer_and_ema(model, ckpt):
+    """AdamW on the U-Net and its EMA copy, both as the checkpoint left them when resuming."""
+    cfg = model.cfg
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['init_lr'], weight_decay=cfg['weight_decay'])
+    ema = copy.deepcopy(model.unet).requires_grad_(False)
+    if 'opt' in ckpt:
+        opt.load_state_dict(ckpt['opt'])
+        ema.load_state_dict(ckpt['ema'])
+    return opt, ema
+
+
+def train(cfg):
+    """Train eps_theta on cached features with Eq. 9 (gamma = 1); returns (model, train_seconds)."""
+    cfg, (rank, _), resume, t0 = dict(cfg), common.rank_world(), cfg['resume'], time.time()
+    check_config(cfg)
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if resume:                                   # the run keeps the checkpoint's config (common.resume)
         model, ckpt = common.resume(cfg, Model)
@@ -491,11 +506,7 @@ def train(cfg):
     common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
     per_epoch = math.ceil(len(z_train) / cfg['batch_size'])
     total, warmup = cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch
-    ema = copy.deepcopy(model.unet).requires_grad_(False)
-    opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['init_lr'], weight_decay=cfg['weight_decay'])
-    if resume:
-        opt.load_state_dict(ckpt['opt'])
-        ema.load_state_dict(ckpt['ema'])
+    opt, ema = optimizer_and_ema(model, ckpt)
     step, seconds = ckpt['step'], ckpt['train_seconds']
     net = torch.compile(model.unet) if cfg['compile'] else model.unet
     batches = common.train_batches(torch.utils.data.TensorDataset(z_train), cfg, step)

@@ -637,9 +637,29 @@ def save_asd(model, step, psi, opt_g, opt_psi, seconds):
                 opt_psi=opt_psi.state_dict(), train_seconds=seconds)
 
 
+def asd_step(model, g, psi, opt_g, opt_psi, x0, gen, step):
+    """One iteration of Algorithm 1: a psi update on generator samples, then (after the psi-only
+    warm-up) a generator update; returns the logged losses."""
+    cfg, ckpt_path = model.cfg, os.path.join(model.cfg['out_dir'], 'ckpt.pt')
+    update_g = step >= cfg['psi_warmup']                          # psi-only warm-up (SiDA)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    with torch.set_grad_enabled(update_g):
+        x_g = model.generate(g, x0, eps, cfg['t_init'])           # Alg. 1 line 4 (Eq. 12)
+    loss_psi, l_score, l_d = psi_update(model, psi, opt_psi, x0, x_g.detach(), gen, cfg)
+    common.check_finite(loss_psi, step, ckpt_path)
+    opt_psi.step()
+    l_sid = l_adv = torch.zeros(())
+    if update_g:
+        use_adv = step >= cfg['adv_start']                        # late adversarial term (SiDA)
+        loss_g, l_sid, l_adv = generator_update(model, g, psi, opt_g, x_g, gen, cfg, use_adv)
+        common.check_finite(loss_g, step, ckpt_path)
+        opt_g.step()
+    return l_score, l_d, l_sid, l_adv
+
+
 def train_asd(model, cfg, data, val, x0_train, state, clock):
     """Stage 2 (Algorithm 1): alternate psi and generator updates; the teacher stays frozen."""
-    ckpt_path, rank = os.path.join(cfg['out_dir'], 'ckpt.pt'), common.rank_world()[0]
+    rank = common.rank_world()[0]
     g, psi = model.generator.requires_grad_(True), copy.deepcopy(model.teacher).requires_grad_(True)
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg['asd_lr'], betas=(0.0, 0.999))    # SiD
     opt_psi = torch.optim.Adam(psi.parameters(), lr=cfg['asd_lr'], betas=(0.0, 0.999))
@@ -658,20 +678,8 @@ def train_asd(model, cfg, data, val, x0_train, state, clock):
     tic, last = time.time(), step
     for step in tqdm(range(step, cfg['asd_steps']), 'ASD', disable=rank > 0, initial=step,
                      total=cfg['asd_steps'], leave=False):
-        gen, x0 = common.generator(cfg['seed'], rank, 'asd', step), next(batches)
-        update_g = step >= cfg['psi_warmup']                          # psi-only warm-up (SiDA)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-        with torch.set_grad_enabled(update_g):
-            x_g = model.generate(g, x0, eps, cfg['t_init'])           # Alg. 1 line 4 (Eq. 12)
-        loss_psi, l_score, l_d = psi_update(model, psi, opt_psi, x0, x_g.detach(), gen, cfg)
-        common.check_finite(loss_psi, step, ckpt_path)
-        opt_psi.step()
-        l_sid = l_adv = torch.zeros(())
-        if update_g:
-            use_adv = step >= cfg['adv_start']                        # late adversarial term (SiDA)
-            loss_g, l_sid, l_adv = generator_update(model, g, psi, opt_g, x_g, gen, cfg, use_adv)
-            common.check_finite(loss_g, step, ckpt_path)
-            opt_g.step()
+        gen = common.generator(cfg['seed'], rank, 'asd', step)
+        l_score, l_d, l_sid, l_adv = asd_step(model, g, psi, opt_g, opt_psi, next(batches), gen, step)
         save = (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['asd_steps']
         if (step + 1) % cfg['log_interval'] == 0 or save:
             drift = check_drift(model, x0_val, eps_val, ref, step + 1)     # before every save
