@@ -195,7 +195,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
                         'or pass --device cpu to run it anyway')
     if int(os.environ.get('RANK', 0)) == 0:          # torchrun: once, not once per process
         auto = cli_args.get('preset', defaults['preset']) == 'auto'
-        print(f'{method}: preset {preset}' + (' (auto)' if auto else ''))
+        if not (auto and (cfg['resume'] or cfg['eval'])):     # else the checkpoint's preset, printed on loading
+            print(f'{method}: preset {preset}' + (' (auto)' if auto else ''))
         for key, value in cli_args.items():
             print(f'overriding: {key} = {value!r}')
     return cfg
@@ -364,6 +365,7 @@ def _load_finished(c, path, Model):
     typed now that differs from the one trained with (it would be ignored, or evaluated into the run's
     results; inference keys and data go through eval.py instead)."""
     ckpt = read_checkpoint(path)        # the run's results come from its finished model only
+    _paper_on_cpu(c, ckpt, 'evaluate')
     if ckpt.get('final') is False:      # (refused here, before load() would warn about it)
         raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
                         f'with --resume, or evaluate it as it is with python eval.py {path}')
@@ -379,6 +381,14 @@ def _load_finished(c, path, Model):
                 f' --{k} {v}' for k, v in changed.items())
         raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
     return model, ckpt
+
+
+def _paper_on_cpu(cfg, ckpt, verb):
+    """get_config's refusal of the paper preset on a CPU nobody asked for, for a run whose preset only
+    its checkpoint knows (--resume, --eval without --data)."""
+    if ckpt.get('preset') == 'paper' and cfg['device'] == 'cpu' and 'device' not in cfg.get('cli_keys', ()):
+        raise UserError(f"{cfg['out_dir']} holds a paper-preset run and no GPU was found: pass --device cpu "
+                        f'to {verb} it on the CPU anyway')
 
 
 def _finished(c, saved):
@@ -512,6 +522,7 @@ def resume(cfg, Model):
     picked here and the out_dir the checkpoint was found in (RESUME_KEYS) always apply."""
     path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     ckpt = read_checkpoint(path)
+    _paper_on_cpu(cfg, ckpt, 'resume')
     saved, given = saved_config(ckpt, Model), _given(cfg)
     changed = [k for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
     for key in changed:

@@ -324,6 +324,20 @@ def test_postprocess_is_applied_per_category(tmp_path):
         assert r['metrics'][cat]['pixel_auroc'] == pytest.approx(plain[cat]['pixel_auroc'])
 
 
+def test_a_paper_checkpoint_is_refused_on_an_implicit_cpu(tmp_path, monkeypatch, capsys):
+    """--resume and --eval take the preset from the checkpoint: a paper run is not resumed (or
+    evaluated) on a CPU nobody asked for, even when the command line alone would mean tiny."""
+    out = toy(tmp_path, '--preset', 'paper', '--device', 'cpu', '--steps', '3', '--category', 'weave')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    for argv in (['--resume'], ['--eval'], ['--resume', '--steps', '5']):   # finished, or trained further
+        with pytest.raises(UserError, match='holds a paper-preset run and no GPU was found: pass --device cpu'):
+            toy_method.main(['--out_dir', out, *argv])
+    capsys.readouterr()
+    toy_method.main(['--out_dir', out, '--eval', '--device', 'cpu'])           # asked for: allowed
+    assert 'preset tiny' not in capsys.readouterr().out     # the checkpoint's preset, not the command line's
+
+
 def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     for seed in ('0', '1'):                   # the same config, typed differently (steps 6 is the default)
         toy_method.main(['--out_dir', str(tmp_path / f's{seed}'), '--category', 'weave', '--seed', seed]
