@@ -63,7 +63,9 @@ No official code exists (the repo holds only a README). Choices where the paper 
     (x_g computed once, line 4). The generator is used as trained (SiDA also keeps an EMA of it;
     not done here). Its reconstruction error on the validation split is monitored against the
     teacher's (one-step, = the generator at initialisation) before every checkpoint; > drift_max x
-    stops training.
+    stops training. Gradients are averaged with common.all_reduce_grads, not a DDP wrapper (which
+    fits neither the alternating updates nor the encoder-only discriminator pass), and --compile
+    compiles the stage-1 teacher only, for the same reason.
   * Inference: fixed per-sample noise (seeded by the image path), map = squared L2 over channels
     upsampled bilinearly to the input size; image score = max of a 16x16 (at 224 px; scaled with
     the input size) average-pooled map, as UniAD and HVQ-Trans (same group) score images.
@@ -159,7 +161,6 @@ config = dict(
     score_kernel=16,        # image score = max of an avg-pooled map, kernel at 224 px (UniAD)
 )
 del config['dtd_root']   # a shared key this method has no use for (no synthetic anomalies)
-del config['compile']    # nor this: three networks, alternating updates and encoder-only calls
 PRESETS = {
     'paper': dict(backbone_weights='timm'),                      # ImageNet B4 (timm cache)
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level
@@ -455,8 +456,9 @@ class Model(nn.Module):
 # training: stage 1 (AMDM), stage 2 (ASD); exact resume across both
 
 
-def amdm_loss(model, x0, gen):
-    """Eq. 6-11: mask x0 adaptively, noise it at the same t, reconstruct the UNMASKED x0."""
+def amdm_loss(model, x0, gen, net=None):
+    """Eq. 6-11: mask x0 adaptively, noise it at the same t, reconstruct the UNMASKED x0 (net: the
+    teacher, or a compiled wrapper of it)."""
     cfg, abar, B = model.cfg, model.abar, len(x0)
     t = torch.randint(0, cfg['T'], (B,), generator=gen)
     keep = adaptive_mask(x0.shape, t, cfg, gen)                      # Eq. 8
@@ -464,7 +466,7 @@ def amdm_loss(model, x0, gen):
     t, keep, eps = t.to(x0.device), keep.to(x0.device), eps.to(x0.device)
     x_t = q_sample(x0 * keep, t, eps, abar)                          # Eq. 6 and Eq. 9
     with common.autocast(x0.device, cfg['dtype']):
-        e = model.teacher(x_t, t)
+        e = (net or model.teacher)(x_t, t)
     x0_hat = predict_x0(x_t, t, e, abar)                             # Eq. 10
     gamma = (abar[t] / (1 - abar[t])).clamp(max=cfg['snr_max'])    # min(SNR_t, snr_max)
     return (expand(gamma) * (x0_hat - x0) ** 2).mean()               # Eq. 11
@@ -532,9 +534,10 @@ def train_amdm(model, cfg, data, x0, state, clock):
         opt.load_state_dict(state['opt'])
         step = state['step']
     batches, tic = feature_batches(model, data, x0, cfg, step), time.time()
+    fwd = torch.compile(net) if cfg['compile'] else net     # stage 1 only: stage 2 alternates three nets
     for step in tqdm(range(step, cfg['amdm_steps']), 'AMDM', disable=rank > 0, initial=step,
                      total=cfg['amdm_steps'], leave=False):
-        loss = amdm_loss(model, next(batches), common.generator(cfg['seed'], rank, 'amdm', step))
+        loss = amdm_loss(model, next(batches), common.generator(cfg['seed'], rank, 'amdm', step), fwd)
         common.check_finite(loss, step, ckpt_path)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -171,7 +171,7 @@ def test_bfloat16_runs_in_bfloat16_on_the_cpu_too(method, tmp_path, monkeypatch)
     assert torch.bfloat16 in dtypes
 
 
-@pytest.mark.parametrize('method', [m for m in METHODS if m != 'omiad'])   # omiad has no --compile
+@pytest.mark.parametrize('method', METHODS)
 def test_compile_is_for_training_only(method, tmp_path, monkeypatch):
     """--compile wraps the networks for training; evaluation (predict) runs the networks themselves
     (a compiled copy would be timed, and recompiled for every new input shape)."""
