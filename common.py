@@ -790,8 +790,7 @@ def _load_category(cfg, cat, ci, split):
         records = [(x.transpose(1, 2, 0), y, m[0] if y else None) for x, m, y in zip(images, masks, labels)]
     else:
         records = _list(cfg['data'], cfg['data_root'], cat, part)
-        # '/' on every OS: paths seed the test-time noise, so Windows and Linux draw the same
-        paths = [os.path.relpath(r[0], cfg['data_root']).replace(os.sep, '/') for r in records]
+        paths = [path_key(r[0], cfg['data_root']) for r in records]
     if split != 'test':   # the validation split: a seeded share of train/good, per category
         order = np.random.default_rng(key_seed(cfg['seed'], 'val', cat)).permutation(len(records))
         n_val = int(round(cfg['val_frac'] * len(records)))
@@ -808,6 +807,14 @@ def _load_category(cfg, cat, ci, split):
     if split == 'test':
         _check_masks(cat, records, masks)
     return images, masks, labels, np.full(len(records), ci), paths, any(r[2] is not None for r in records)
+
+
+def path_key(path, root):
+    """A file's path relative to the data root, with '/' on every OS: the key that seeds its test-time
+    noise (so Windows and Linux, evaluation and eval.py --predict draw the same); a file outside the
+    root is keyed by its name."""
+    path, root = os.path.abspath(path), os.path.join(os.path.abspath(root), '')
+    return path[len(root):].replace(os.sep, '/') if path.startswith(root) else os.path.basename(path)
 
 
 def _shape(path):

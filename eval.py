@@ -305,7 +305,7 @@ def predict(ckpt, image_path, out='', category=''):
                         + (f' (not {category!r})' if category else ''))
     cls = torch.tensor([cats.index(category) if category else 0], device=_device(model))
     x = torch.tensor(common._read(image_path, model.cfg['image_size'])).float()[None] / 255
-    o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[os.path.basename(image_path)]))
+    o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[common.path_key(image_path, model.cfg['data_root'])]))
     amap = o['map'][0].float().cpu().numpy()
     out = out or '_'.join(os.path.splitext(os.path.abspath(image_path))[0].split(os.sep)[-2:]) + '_heatmap.png'
     panel = _panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap, amap.min(), amap.max())

@@ -205,6 +205,25 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     assert r['metrics']['capsule']['image_auroc'] == r['metrics']['capsule']['image_auroc']   # not NaN
 
 
+def test_predict_draws_the_noise_of_the_evaluation(tmp_path, monkeypatch):
+    """An image inside the model's data root is keyed by its path there, as evaluation keys it, so a
+    method with test-time noise scores it alike; outside the root, by its file name."""
+    ckpt = os.path.abspath(os.path.join(toy(tmp_path, '--category', 'capsule', '--noise', '0.5'), 'ckpt.pt'))
+    model, _ = common.load(ckpt, toy_method.Model)
+    monkeypatch.chdir(tmp_path)                               # data_root data/synthetic is relative
+    rel = 'capsule/test/scratch/007.png'
+    for where in (os.path.join('data', 'synthetic', rel), os.path.join('elsewhere', rel)):
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(where)
+    x = torch.full((1, 3, 32, 32), 90 / 255)
+    own, by_name = (model.predict(dict(image=x, cls=torch.zeros(1, dtype=torch.long), path=[p]))['score'].item()
+                    for p in (rel, '007.png'))
+    assert own != pytest.approx(by_name, abs=1e-6)           # the key matters: the test can fail
+    assert E.predict(ckpt, os.path.join('data', 'synthetic', rel))[0] == pytest.approx(own, abs=1e-6)
+    assert E.predict(ckpt, os.path.join('elsewhere', rel), 'out.png')[0] == pytest.approx(by_name, abs=1e-6)
+    assert common.path_key(os.path.join('data', 'synthetic', rel), 'data/synthetic/') == rel
+
+
 def test_predict_never_overwrites_a_second_image(tmp_path, monkeypatch):
     """`--predict CKPT a/000.png b/000.png` (two images, or a shell glob) is refused, not a heatmap
     written over b/000.png; default heatmap names keep the folder, as MVTec repeats 000.png per folder."""
