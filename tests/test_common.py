@@ -35,8 +35,10 @@ def test_config_forms_types_and_presets(capsys):
     assert cfg['mults'] == (1, 1, 2) and cfg['data_root'] == 'x' and isinstance(cfg['steps'], int)
     assert cfg['preset'] == 'tiny' and cfg['eval_size'] == 128          # auto -> tiny on synthetic
     assert cfg['out_dir'] == os.path.join('out', 'test_common_synthetic_all_tiny_s0')
-    out = capsys.readouterr().out
-    assert 'preset tiny (auto)' in out and 'overriding: lr = 0.0003' in out
+    out = capsys.readouterr().out     # --resume: the checkpoint's preset is printed when it is loaded
+    assert 'preset tiny' not in out and 'overriding: lr = 0.0003' in out
+    cfg_of('--lr', '3e-4')
+    assert 'preset tiny (auto)' in capsys.readouterr().out
     assert cfg_of('--steps', '8')['steps'] == 8                          # command line beats preset
     assert cfg_of('--seed', '9007199254740993')['seed'] == 2 ** 53 + 1 and cfg_of('--steps', '1e2')['steps'] == 100
     assert cfg_of('--lr', '1')['lr'] == 1.0 and isinstance(cfg_of('--lr', '1')['lr'], float)
