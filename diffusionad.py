@@ -128,7 +128,7 @@ config = dict(
     unet_mults=(1, 1, 2, 2, 4, 4),  # channel multiplier per resolution level
     unet_res=2,              # residual blocks per level
     attn_res=(32, 16, 8),    # resolutions (px) with self-attention
-    heads=4,                 # attention heads
+    num_heads=4,             # attention heads
     # segmentation sub-network: DRAEM discriminative U-Net
     seg_ch=64,               # base width (doubles per level, capped at 8x)
     seg_levels=6,            # encoder levels (5 poolings: 8x8 bottleneck at 256 px)
@@ -141,8 +141,8 @@ config = dict(
     seg_cosine=10,           # seg LR: cosine to 0 over T_max steps and back up (official: 10); 0 = constant
     anneal=False,            # instead, anneal both LRs to 0 over the run with one cosine (tiny preset)
     focal_weight=5.0,        # weight of the focal term in Eq. 10 (the paper's gamma)
-    p_anomaly=0.5,           # probability that a training image gets a synthetic anomaly
-    beta=(0.2, 0.8),         # opacity range of Eq. 12
+    anomaly_p=0.5,           # probability that a training image gets a synthetic anomaly
+    anomaly_beta=(0.2, 0.8), # opacity range of Eq. 12
     foreground=False,        # restrict synthetic anomalies to an estimated object foreground
 )
 del config['backbone_weights']   # a shared key this method has no use for (no pretrained backbone)
@@ -361,12 +361,12 @@ class Model(nn.Module):
         if cfg['image_size'] % f:
             raise common.UserError(f"--image_size {cfg['image_size']} must be divisible by {f} (the U-Net's "
                                    'and the segmentation net\'s halvings)')
-        if len(cfg['betas']) != 2 or len(cfg['beta']) != 2:
-            raise common.UserError(f"--betas and --beta take two values, e.g. --beta 0.2,0.8 (got "
-                                   f"{cfg['betas']} and {cfg['beta']})")
+        if len(cfg['betas']) != 2 or len(cfg['anomaly_beta']) != 2:
+            raise common.UserError(f"--betas and --anomaly_beta take two values, e.g. --anomaly_beta 0.2,0.8 (got "
+                                   f"{cfg['betas']} and {cfg['anomaly_beta']})")
         self.cfg = cfg
         self.unet = UNet(cfg['image_size'], cfg['unet_ch'], cfg['unet_mults'], cfg['unet_res'],
-                         cfg['attn_res'], cfg['heads'])
+                         cfg['attn_res'], cfg['num_heads'])
         self.seg = SegNet(cfg['seg_ch'], cfg['seg_levels'], cfg['seg_prior'])
         self.register_buffer('abar', linear_abar(cfg['T'], *cfg['betas']))   # abar_t, float32
 
@@ -441,13 +441,13 @@ def foreground(image, thresh=0.15):
 
 
 def synth_anomaly(sample, rng, cfg, categories):
-    """A training sample: with probability p_anomaly a Perlin anomaly (Eq. 12), mask and label.
+    """A training sample: with probability anomaly_p a Perlin anomaly (Eq. 12), mask and label.
     As the official code, textures (by category name) take DTD textures anywhere in the image,
     objects a DTD texture or, half the time, a strip-shuffled copy of themselves, restricted to
     the object with --foreground."""
     texture = categories[sample['cls']] in TEXTURES
     fg = foreground(sample['image']) if cfg['foreground'] and not texture else None
-    return common.perlin_anomaly(sample, rng, cfg['p_anomaly'], cfg['beta'], cfg['dtd_root'], fg,
+    return common.perlin_anomaly(sample, rng, cfg['anomaly_p'], cfg['anomaly_beta'], cfg['dtd_root'], fg,
                                  dtd_self=0.0 if texture else 0.5)
 
 

@@ -89,8 +89,8 @@ config = dict(
     feature_size=16,        # feature grid g (16 = stride 16 at 256 px, as the paper; pixels: image resized to 4g)
     pixel_norm='imagenet',  # imagenet (mean/std of the weights) | half: (x - 0.5) / 0.5 (official v1)
     T=1000,                 # diffusion steps (linear betas 1e-4 .. 0.02)
-    channels=256,           # U-Net base width
-    channel_mult=(1, 1, 2, 2),  # width multiplier per resolution level
+    ch=256,                 # U-Net base width
+    ch_mult=(1, 1, 2, 2),   # width multiplier per resolution level
     num_res_blocks=2,       # residual blocks per level
     attn_ds=(2, 4, 8),      # downsampling factors with self-attention (8x8, 4x4, 2x2 of a 16 grid)
     num_heads=8,            # attention heads
@@ -109,7 +109,7 @@ config.update(batch_size=8, image_size=256)
 del config['dtd_root']   # a shared key this method has no use for (no synthetic anomalies)
 PRESETS = {
     'paper': dict(category='each', backbone_weights='timm'),   # one model per category, ImageNet B4
-    'tiny': dict(backbone='pixels', image_size=128, feature_size=32, channels=64, channel_mult=(1, 1, 1),
+    'tiny': dict(backbone='pixels', image_size=128, feature_size=32, ch=64, ch_mult=(1, 1, 1),
                  num_res_blocks=1, attn_ds=(4,), num_heads=4, S=2, batch_size=16, epochs=32, warmup_epochs=2, lr=1e-3,
                  init_lr=1e-5, min_lr=1e-5, log_interval=100, ckpt_interval=500),
 }
@@ -330,10 +330,10 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, ds = cfg, [2 ** i for i in range(len(cfg['channel_mult']))]   # factor of each level
+        self.cfg, ds = cfg, [2 ** i for i in range(len(cfg['ch_mult']))]   # factor of each level
         for bad, fix in ((cfg['feature_size'] % ds[-1], f'--feature_size must be divisible by {ds[-1]}'),
-                         (cfg['channels'] % 32 or cfg['channels'] % cfg['num_heads'],
-                          '--channels must be a multiple of 32 (GroupNorm) and of --num_heads'),
+                         (cfg['ch'] % 32 or cfg['ch'] % cfg['num_heads'],
+                          '--ch must be a multiple of 32 (GroupNorm) and of --num_heads'),
                          (not set(cfg['attn_ds']) <= set(ds), f'--attn_ds must be among {ds}'),
                          (cfg['pixel_norm'] not in ('imagenet', 'half'), '--pixel_norm must be imagenet or half'),
                          (cfg['score_norm'] not in ('test', 'val'), '--score_norm must be test or val')):
@@ -351,7 +351,7 @@ class Model(nn.Module):
             c = sum(self.backbone.feature_info.channels())                    # 24 + 32 + 56 + 160 = 272
         else:
             raise UserError(f"--backbone must be efficientnet_b4 or pixels (got {cfg['backbone']!r})")
-        self.unet = UNet(c, cfg['channels'], cfg['channel_mult'], cfg['num_res_blocks'], cfg['attn_ds'],
+        self.unet = UNet(c, cfg['ch'], cfg['ch_mult'], cfg['num_res_blocks'], cfg['attn_ds'],
                          cfg['num_heads'])
         self.register_buffer('abar', linear_abar(cfg['T']).float(), persistent=False)
         # min/max of (NLL, spatial) on the validation split for each S: rows S=2..10; NaN until the

@@ -118,7 +118,7 @@ config = dict(
     steps=500000,              # bridge iterations (Table S7)
     lr=5e-5,                   # AdamW lr, weight decay 0 (Table S7, I2SB)
     lr_gamma=0.99,             # lr *= lr_gamma every 1000 steps (I2SB StepLR)
-    ema=0.99,                  # EMA decay of the bridge weights used for sampling (I2SB)
+    ema_decay=0.99,            # EMA decay of the bridge weights used for sampling (I2SB)
     anomaly_p=0.5,             # share of pairs with a Perlin anomaly, the rest are (x, x) [G]
     anomaly_beta=(0.0, 0.8),   # range of the image's weight in the anomaly blend (DRAEM) [G]
     # inference (INFER_KEYS: eval.py may change them without retraining)
@@ -678,7 +678,7 @@ def train_bridge(model, data, cfg, ckpt, clock):
         for group in opt.param_groups:
             group['lr'] = lr
         opt.step()
-        ema_update(model.unet, net, step, cfg['ema'])
+        ema_update(model.unet, net, step, cfg['ema_decay'])
         seconds = progress(cfg, 2, step + 1, cfg['steps'], clock, f'loss {loss.item():.4f} | lr {lr:.1e}')
         if (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['steps']:
             common.save(path, model, stage=2, step=step + 1, final=step + 1 == cfg['steps'], net=net.state_dict(),

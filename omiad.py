@@ -20,14 +20,14 @@ theta <- phi, psi <- phi, D = encoder(psi)) and Algorithm 2 (one-step inference)
 
 No official code exists (the repo holds only a README). Choices where the paper is silent:
   * Features: timm tf_efficientnet_b4 stages 1-4 (out_indices 0-3: 24+32+56+160 channels, strides
-    2-16), ImageNet pixel normalisation, each map resized bilinearly to feat_size (antialiased, so
+    2-16), ImageNet pixel normalisation, each map resized bilinearly to feature_size (antialiased, so
     the stride-2/4 maps are averaged rather than subsampled when shrunk) and concatenated; raw
     features by default (as UniAD, whose pipeline the authors name; feat_norm=True standardises
     channels). The paper preset loads the weights from the timm cache (an error if absent); with
     --backbone_weights '': random init + BatchNorm recalibration on a random (category-mixed)
     subset of training images, saved in the checkpoint.
   * DEVIATION, tiny preset (the offline default): backbone='pixels', a weight-free representation:
-    the ImageNet-normalised image resized (antialiased) to 4 feat_size, every 4x4 block stacked into
+    the ImageNet-normalised image resized (antialiased) to 4 feature_size, every 4x4 block stacked into
     one 48-channel vector (pixel_unshuffle). No pretrained weights are available offline and random
     EfficientNet features lose the colour/intensity cues the synthetic defects need: a kNN memory
     bank (an upper bound for any scorer) reaches 69.2 / 76.0 image / pixel AUROC on random B4
@@ -117,7 +117,7 @@ config = dict(
     image_size=224,         # backbone input (paper: 224)
     # features
     backbone='efficientnet_b4',  # efficientnet_b4 (paper: frozen stages 1-4, 272 ch) | pixels (48 ch, no weights)
-    feat_size=32,           # feature grid: every stage map (or 4x4 pixel block) -> feat_size x feat_size (paper: 32)
+    feature_size=32,        # feature grid: every stage map (or 4x4 pixel block) -> S x S, S = feature_size (paper: 32)
     bn_images=256,          # training images used for BatchNorm recalibration of a random backbone
     cache_features=True,    # extract training features once (MVTec at 32x32: 4 GB); False: per batch
     feat_norm=False,        # standardise each channel with training-set mean/std (paper: raw features)
@@ -130,7 +130,7 @@ config = dict(
     ch_mult=(1, 1, 2, 2),   # width multiplier per resolution level
     num_res_blocks=2,       # ResBlocks per level on the down path
     attn_res=(8, 4),        # feature resolutions with self-attention
-    heads=8,                # attention heads
+    num_heads=8,            # attention heads
     # stage 1: AMDM teacher (Eq. 6-11)
     amdm_steps=100000,      # teacher training steps (not in the paper; assumed)
     amdm_lr=1e-3,           # Adam learning rate (paper)
@@ -165,8 +165,8 @@ PRESETS = {
     'paper': dict(backbone_weights='timm'),                      # ImageNet B4 (timm cache)
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level
     # U-Net, t_init chosen on validation Perlin proxies (see the module docstring)
-    'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feat_size=32, ch=64,
-                 ch_mult=(1, 1, 2), num_res_blocks=1, attn_res=(8,), heads=4, amdm_steps=1200, ema_decay=0.99,
+    'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feature_size=32, ch=64,
+                 ch_mult=(1, 1, 2), num_res_blocks=1, attn_res=(8,), num_heads=4, amdm_steps=1200, ema_decay=0.99,
                  asd_steps=100, t_init=100, psi_warmup=50, adv_start=75, val_images=64,
                  log_interval=50, ckpt_interval=250),
 }
@@ -235,14 +235,14 @@ class UNet(nn.Module):
 
     def __init__(self, cfg, in_ch):
         super().__init__()
-        ch, mult, emb, res = cfg['ch'], cfg['ch_mult'], 4 * cfg['ch'], cfg['feat_size']
+        ch, mult, emb, res = cfg['ch'], cfg['ch_mult'], 4 * cfg['ch'], cfg['feature_size']
         self.ch = ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, skips, c = nn.ModuleList(), [ch], ch
         for i, m in enumerate(mult):
             for _ in range(cfg['num_res_blocks']):
-                attn = [Attention(m * ch, cfg['heads'])] if res in cfg['attn_res'] else []
+                attn = [Attention(m * ch, cfg['num_heads'])] if res in cfg['attn_res'] else []
                 self.down.append(Level(ResBlock(c, m * ch, emb), *attn))
                 c = m * ch
                 skips.append(c)
@@ -250,13 +250,13 @@ class UNet(nn.Module):
                 self.down.append(Level(nn.Conv2d(c, c, 3, stride=2, padding=1)))
                 skips.append(c)
                 res //= 2
-        self.mid = Level(ResBlock(c, c, emb), Attention(c, cfg['heads']), ResBlock(c, c, emb))
+        self.mid = Level(ResBlock(c, c, emb), Attention(c, cfg['num_heads']), ResBlock(c, c, emb))
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(mult))):
             for j in range(cfg['num_res_blocks'] + 1):
                 layers = [ResBlock(c + skips.pop(), m * ch, emb)]
                 c = m * ch
-                layers += [Attention(c, cfg['heads'])] if res in cfg['attn_res'] else []
+                layers += [Attention(c, cfg['num_heads'])] if res in cfg['attn_res'] else []
                 if i > 0 and j == cfg['num_res_blocks']:            # nearest upsampling + conv
                     layers += [nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(c, c, 3, padding=1)]
                     res *= 2
@@ -371,7 +371,7 @@ class Model(nn.Module):
             raise common.UserError(f"--t_init must lie in 0..{cfg['T'] - 1} and --teacher_steps in 1..t_init "
                                    f"(got {cfg['t_init']} and {cfg['teacher_steps']})")
         if cfg['backbone'] == 'pixels':
-            self.backbone, C = Pixels(cfg['feat_size']), 48           # 3 x 4 x 4 values per cell
+            self.backbone, C = Pixels(cfg['feature_size']), 48           # 3 x 4 x 4 values per cell
         else:                                                         # built here, weights set by train()
             self.backbone = timm.create_model(BACKBONE.split('.')[0], pretrained=False, features_only=True,
                                               out_indices=(0, 1, 2, 3)).eval().requires_grad_(False)
@@ -400,13 +400,13 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def features(self, image):
-        """x0 (B, C, S, S), S = feat_size: stage 1-4 maps of the frozen backbone, each resized to S and
+        """x0 (B, C, S, S), S = feature_size: stage 1-4 maps of the frozen backbone, each resized to S and
         concatenated (C = 272); or the 48-channel space-to-depth blocks of Pixels."""
         x = (image - self.pixel_mean) / self.pixel_std
         if isinstance(self.backbone, Pixels):
             x0 = self.backbone(x)                                      # (B, 48, S, S)
         else:
-            s = self.cfg['feat_size']
+            s = self.cfg['feature_size']
             x0 = torch.cat([F.interpolate(m.float(), size=(s, s), mode='bilinear', antialias=True)
                             for m in self.backbone(x)], 1)             # (B, 272, S, S)
         return (x0 - self.feat_mean) / self.feat_std               # identity unless feat_norm
@@ -494,17 +494,17 @@ def setup_backbone(model, cfg, dataset):
     """ImageNet weights (weights id + sha256 kept in the config), or random init + BatchNorm
     recalibration on normal training images (the offline default; saved in the checkpoint)."""
     if cfg['backbone'] == 'pixels':
-        cfg['backbone_source'] = dict(id='pixels (4x4 space-to-depth, no weights)', file='', sha256='')
+        cfg['backbone_record'] = dict(id='pixels (4x4 space-to-depth, no weights)', file='', sha256='')
         return
     if cfg['backbone_weights']:
-        cfg['backbone_source'] = common.load_pretrained(model.backbone, BACKBONE, cfg['backbone_weights'])
+        cfg['backbone_record'] = common.load_pretrained(model.backbone, BACKBONE, cfg['backbone_weights'])
         return
     # a seeded random subset, so every batch mixes categories: BatchNorm averages per-batch
     # variances, and single-category batches would miss the between-category variance
     idx = torch.randperm(len(dataset), generator=common.generator(cfg['seed'], 'bn'))[:cfg['bn_images']]
     x = (dataset.images[idx].float() / 255).to(cfg['device'])
     common.recalibrate_bn(model.backbone, [(b - model.pixel_mean) / model.pixel_std for b in x.split(32)])
-    cfg['backbone_source'] = dict(id=f'random init (seed {cfg["seed"]}) + BatchNorm recalibrated on '
+    cfg['backbone_record'] = dict(id=f'random init (seed {cfg["seed"]}) + BatchNorm recalibrated on '
                                      f'{len(idx)} training images', file='', sha256='')
 
 
@@ -706,8 +706,8 @@ def check_config(cfg):
         raise common.UserError(f"--mask must be spatial or element, not {cfg['mask']!r}")
     if not 0 <= cfg['t_max'] < cfg['T']:
         raise common.UserError(f"--t_max must lie in 0..{cfg['T'] - 1}")
-    if cfg['ch'] % 32 or cfg['feat_size'] % 2 ** (len(cfg['ch_mult']) - 1):
-        raise common.UserError(f"--ch must be a multiple of 32 (GroupNorm) and --feat_size divisible by "
+    if cfg['ch'] % 32 or cfg['feature_size'] % 2 ** (len(cfg['ch_mult']) - 1):
+        raise common.UserError(f"--ch must be a multiple of 32 (GroupNorm) and --feature_size divisible by "
                                f"{2 ** (len(cfg['ch_mult']) - 1)} (one halving per U-Net level)")
 
 
@@ -726,7 +726,7 @@ def train(cfg):
     if state is None:
         setup_backbone(model, cfg, data)
     n = {k: sum(p.numel() for p in getattr(model, k).parameters()) / 1e6 for k in ('backbone', 'teacher', 'generator')}
-    common.print0(f"parameters: backbone {n['backbone']:.2f} M (frozen, {cfg['backbone_source']['id']}), "
+    common.print0(f"parameters: backbone {n['backbone']:.2f} M (frozen, {cfg['backbone_record']['id']}), "
                   f"teacher {n['teacher']:.2f} M, generator {n['generator']:.2f} M "
                   f"(+ student score psi {n['teacher']:.2f} M while distilling)")
     seconds, t0 = state['train_seconds'] if state else 0.0, time.time()

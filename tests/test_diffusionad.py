@@ -284,8 +284,8 @@ def test_cli_errors(tmp_path):
         d.main(['--t_b', '1000', '--out_dir', str(tmp_path)])
     with pytest.raises(common.UserError, match='--input_range must be 01 or pm1'):
         d.main(['--input_range', '-11', '--out_dir', str(tmp_path)])
-    with pytest.raises(common.UserError, match='--betas and --beta take two values'):
-        d.main(['--beta', '0.5', '--out_dir', str(tmp_path)])
+    with pytest.raises(common.UserError, match='--betas and --anomaly_beta take two values'):
+        d.main(['--anomaly_beta', '0.5', '--out_dir', str(tmp_path)])
     with pytest.raises(common.UserError, match='--image_size 50 must be divisible by 8'):
         d.main(['--image_size', '50', '--out_dir', str(tmp_path)])      # not a size mismatch mid-forward
     with pytest.raises(common.UserError, match='nothing to train'):     # not an untrained model evaluated

@@ -18,7 +18,7 @@ import common
 import inversion_ad as ia
 
 TINY = ['--preset', 'tiny', '--category', 'weave', '--backbone', 'pixels', '--image_size', '32',
-        '--feature_size', '4', '--channels', '32', '--channel_mult', '1,2', '--attn_ds', '2', '--num_heads', '2',
+        '--feature_size', '4', '--ch', '32', '--ch_mult', '1,2', '--attn_ds', '2', '--num_heads', '2',
         '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '0', '--ckpt_interval', '100', '--device', 'cpu']
 
 
@@ -76,7 +76,7 @@ def test_timestep_lists_and_range():
 
 def test_paper_unet_size():
     cfg = dict(ia.config, **ia.PRESETS['paper'])
-    unet = ia.UNet(272, cfg['channels'], cfg['channel_mult'], cfg['num_res_blocks'], cfg['attn_ds'], cfg['num_heads'])
+    unet = ia.UNet(272, cfg['ch'], cfg['ch_mult'], cfg['num_res_blocks'], cfg['attn_ds'], cfg['num_heads'])
     n = sum(p.numel() for p in unet.parameters())
     assert abs(n / 121.6e6 - 1) < 0.02, n                                     # official v1 UNetModel: 121.6 M
 
@@ -84,7 +84,7 @@ def test_paper_unet_size():
 def test_bn_recalibration_gives_nondegenerate_features():
     torch.manual_seed(0)
     model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], backbone='efficientnet_b4', image_size=64,
-                                            feature_size=4, channels=32)))
+                                            feature_size=4, ch=32)))
     x = torch.rand(8, 3, 64, 64)
     before = model.features(x)
     common.recalibrate_bn(model.backbone, [model.normalise(x)])
@@ -103,7 +103,7 @@ def test_bn_recalibration_gives_nondegenerate_features():
 
 def test_pixels_backbone_features():
     """'pixels': 4x4 space-to-depth of the (resized) image, each channel standardised per image."""
-    model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], feature_size=4, channels=32)))
+    model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], feature_size=4, ch=32)))
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))   # 16 = 4g: no resizing
     z = model.features(x)
     assert z.shape == (3, 48, 4, 4) and not list(model.backbone.parameters())
@@ -269,8 +269,8 @@ def test_cli_errors(tmp_path, monkeypatch):
         ia.train(tiny_cfg(tmp_path, '--S', '11'))
     with pytest.raises(common.UserError, match='--S expects int'):
         common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
-    for flags, message in ((['--feature_size', '6', '--channel_mult', '1,2,2'], 'feature_size must be divisible by 4'),
-                           (['--channels', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),
+    for flags, message in ((['--feature_size', '6', '--ch_mult', '1,2,2'], 'feature_size must be divisible by 4'),
+                           (['--ch', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),
                            (['--attn_ds', '3'], r'--attn_ds must be among \[1, 2\]'),
                            (['--pixel_norm', 'imagnet'], 'imagenet or half'),
                            (['--score_norm', 'vall'], 'test or val')):

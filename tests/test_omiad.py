@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import common
 import omiad
 
-TINY = ['--category', 'weave', '--image_size', '64', '--feat_size', '8', '--ch', '32', '--attn_res', '4',
-        '--heads', '2', '--batch_size', '4', '--bn_images', '16', '--val_images', '4', '--amdm_steps', '4',
+TINY = ['--category', 'weave', '--image_size', '64', '--feature_size', '8', '--ch', '32', '--attn_res', '4',
+        '--num_heads', '2', '--batch_size', '4', '--bn_images', '16', '--val_images', '4', '--amdm_steps', '4',
         '--asd_steps', '4', '--psi_warmup', '1', '--adv_start', '2', '--log_interval', '2',
         '--ckpt_interval', '2', '--t_init', '400', '--device', 'cpu']
 
@@ -154,13 +154,13 @@ def test_pixel_features_are_space_to_depth(tmp_path):
 def test_random_efficientnet_is_bn_recalibrated_and_saved(tmp_path):
     """backbone='efficientnet_b4' without weights: BatchNorm statistics re-estimated on training
     images (so the stage-1 channels come out at unit scale), stored in the model's state dict."""
-    cfg = tiny_cfg(tmp_path, '--backbone', 'efficientnet_b4', '--image_size', '32', '--feat_size', '4')
+    cfg = tiny_cfg(tmp_path, '--backbone', 'efficientnet_b4', '--image_size', '32', '--feature_size', '4')
     model = omiad.Model(cfg)
     bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = bn.running_var.clone()
     data = common.load_dataset(model.cfg, 'train')
     omiad.setup_backbone(model, model.cfg, data)
-    assert not torch.equal(before, bn.running_var) and 'random init' in model.cfg['backbone_source']['id']
+    assert not torch.equal(before, bn.running_var) and 'random init' in model.cfg['backbone_record']['id']
     x0 = model.features(data.images[:8].float() / 255)
     assert x0.shape == (8, 272, 4, 4) and 0.5 < x0[:, :24].std() < 2     # stage 1: unit scale
     assert any(k.startswith('backbone.') and k.endswith('running_var') for k in model.state_dict())
@@ -388,7 +388,7 @@ def test_cli_errors(tmp_path):
                                ({'use_teacher': True, 'teacher_steps': 500}, r'got 400 and 500')):
         with pytest.raises(common.UserError, match=message):     # inference keys, checked at every load
             omiad.Model(dict(tiny_cfg(tmp_path), **overrides))
-    for flags in (['--ch', '48'], ['--feat_size', '6']):
+    for flags in (['--ch', '48'], ['--feature_size', '6']):
         with pytest.raises(common.UserError, match='multiple of 32'):
             omiad.train(tiny_cfg(tmp_path, *flags))
     with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):

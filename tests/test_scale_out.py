@@ -31,10 +31,10 @@ MICRO = {
     'lasb': ('--category weave --image_size 32 --ae_ch 8 --n_embed 32 --vq_restart 2 --ch 8 --ch_mult 1,2 '
              '--attn_res 4 --num_heads 2 --backbone resnet18 --ae_batch_size 4 --batch_size 4 --nfe 2 '
              '--ae_steps 3 --steps 3 --ckpt_interval 2 --log_interval 2', 5),
-    'inversion_ad': ('--category weave --backbone pixels --image_size 32 --feature_size 4 --channels 32 '
-                     '--channel_mult 1,2 --attn_ds 2 --num_heads 2 --batch_size 24 --epochs 1 --warmup_epochs 0 '
+    'inversion_ad': ('--category weave --backbone pixels --image_size 32 --feature_size 4 --ch 32 '
+                     '--ch_mult 1,2 --attn_ds 2 --num_heads 2 --batch_size 24 --epochs 1 --warmup_epochs 0 '
                      '--S 2 --ckpt_interval 2 --log_interval 2', 5),
-    'omiad': ('--category weave --image_size 64 --feat_size 8 --ch 32 --attn_res 4 --heads 2 --batch_size 4 '
+    'omiad': ('--category weave --image_size 64 --feature_size 8 --ch 32 --attn_res 4 --num_heads 2 --batch_size 4 '
               '--bn_images 16 --val_images 4 --amdm_steps 4 --asd_steps 4 --psi_warmup 1 --adv_start 2 '
               '--t_init 400 --ckpt_interval 2 --log_interval 2', 4),
     'decodiff': ('--category weave --image_size 32 --batch_size 4 --ae_steps 4 --steps 4 --ae_crop 16 '
