@@ -9,7 +9,8 @@ tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a f
   on one of two ranks stops both (no rank waits forever for the other's gradients);
 - --dtype bfloat16 runs in bfloat16 on the CPU too, and --compile compiles for training only;
 - the paper presets of the feature methods never train on a random backbone when ImageNet weights
-  are missing.
+  are missing;
+- every Model keeps float32 buffers and a config of plain Python types.
 """
 import os
 import subprocess
@@ -207,3 +208,20 @@ def test_paper_preset_never_trains_on_a_random_backbone(method, tmp_path, monkey
         module.train(cfg)
     assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_models_keep_float32_buffers_and_a_plain_config(method, tmp_path):
+    """DESIGN: schedule buffers are float32 (no float64, which MPS lacks and which bf16 would not
+    touch) and model.cfg holds plain Python types, as a weights_only checkpoint needs."""
+    module, cfg = micro_cfg(method, tmp_path)
+    model = module.Model(cfg)
+    assert [n for n, b in model.named_buffers() if b.is_floating_point() and b.dtype != torch.float32] == []
+
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return all(map(plain, v))
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return v is None or isinstance(v, (bool, int, float, str))
+    assert plain(model.cfg)
