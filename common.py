@@ -158,6 +158,21 @@ def data_defaults(cfg):
                 eval_size=cfg['eval_size'] or (128 if cfg['data'] == 'synthetic' else 256))
 
 
+def _check_shared(cfg):
+    """One-line errors for shared keys no method could use, before anything is loaded or trained."""
+    if cfg['dtype'] not in ('float32', 'bfloat16'):
+        raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
+    for key in ('batch_size', 'image_size'):
+        if cfg[key] < 1:
+            raise UserError(f'--{key} must be at least 1 (got {cfg[key]})')
+    if cfg['train'] and cfg['eval']:
+        raise UserError('--train trains and then evaluates, --eval only evaluates a saved run: give one of them')
+    if not 0 <= cfg['val_frac'] < 1:
+        raise UserError(f"--val_frac is the share of train/good held out: 0 <= val_frac < 1 (got {cfg['val_frac']})")
+    if cfg.get('dtd_root'):
+        _dtd_files(cfg['dtd_root'])      # a wrong folder fails now, not after a first training stage
+
+
 def get_config(defaults, presets, argv=None, file=None, doc=''):
     """defaults < presets[preset] < command line. Prints the preset and every override."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -177,17 +192,7 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
     cfg['out_dir'] = cfg['out_dir'] or os.path.join(
         'out', f"{method}_{cfg['data']}_{cfg['category']}_{preset}_s{cfg['seed']}")
     cfg['device'] = pick_device(cfg['device'])
-    if cfg['dtype'] not in ('float32', 'bfloat16'):
-        raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
-    for key in ('batch_size', 'image_size'):
-        if cfg[key] < 1:
-            raise UserError(f'--{key} must be at least 1 (got {cfg[key]})')
-    if cfg['train'] and cfg['eval']:
-        raise UserError('--train trains and then evaluates, --eval only evaluates a saved run: give one of them')
-    if not 0 <= cfg['val_frac'] < 1:
-        raise UserError(f"--val_frac is the share of train/good held out: 0 <= val_frac < 1 (got {cfg['val_frac']})")
-    if cfg.get('dtd_root'):
-        _dtd_files(cfg['dtd_root'])      # a wrong folder fails now, not after a first training stage
+    _check_shared(cfg)
     if preset == 'paper' and cfg['device'] == 'cpu' and cli_args.get('device', 'auto') == 'auto':
         if cfg['data'] != 'synthetic' and not (cfg['eval'] or cfg['resume']):
             _check_root(cfg['data'], cfg['data_root'])     # needed on any device: say it first
@@ -325,11 +330,7 @@ def run(cfg, train, Model):
         each = cfg['category'] == 'each'
         cats = categories(cfg['data'], cfg['data_root']) if each else [cfg['category']]
         if not cfg['resume'] and not cfg['eval']:   # a fresh run: fail now, not after training
-            check_data(cfg)
-            for path in (os.path.join(cfg['out_dir'], *([cat] if each else []), 'ckpt.pt') for cat in cats):
-                if os.path.isfile(path):                        # never restart over a run silently
-                    raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
-                                    'from the start, delete it or choose another --out_dir')
+            _check_fresh(cfg, [os.path.join(cfg['out_dir'], *([cat] if each else []), 'ckpt.pt') for cat in cats])
         results = []
         for cat in cats:
             c = dict(cfg, category=cat, out_dir=os.path.join(cfg['out_dir'], cat)) if each else cfg
@@ -358,6 +359,16 @@ def run(cfg, train, Model):
             barrier()
     finally:
         dist_teardown()
+
+
+def _check_fresh(cfg, paths):
+    """A run from the start: its data must be readable, and no checkpoint of it may exist yet (never
+    restart over a run silently)."""
+    check_data(cfg)
+    for path in paths:
+        if os.path.isfile(path):
+            raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
+                            'from the start, delete it or choose another --out_dir')
 
 
 def _load_finished(c, path, Model):
