@@ -254,10 +254,10 @@ def evaluate_checkpoint(path, argv):
 
 def compare(root):
     """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each setting:
-    method, data, category, preset, protocol and config (not per-run keys; batch size and dtype do count); a preset
-    with several is labelled by the keys that differ. 'each' members fold into their summary."""
+    method, data, category, preset, protocol and config (not per-run keys; common.MEASURED_KEYS do count); a
+    preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_record',
-                                                                     'backbone_record', 'compile')
+                                                                     'compile')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')   # an 'each' run's, or
         up = json.load(open(parent)) if os.path.isfile(parent) else {}                 # an eval_* folder's run
