@@ -338,7 +338,7 @@ def run(cfg, train, Model):
             if each and c['resume'] and not c['eval']:
                 c, done = _resume_each(c, cfg['out_dir'], cats)
             saved = read_checkpoint(path, mmap=True) if done is None and c['resume'] and os.path.isfile(path) else None
-            if saved and not c['eval'] and _finished(c, saved):
+            if saved and not c['eval'] and _finished(c, saved, getattr(Model, 'INFER_KEYS', ())):
                 print0(f'{path} has finished training: evaluating it, as --eval does')
                 c = dict(c, eval=True, train=False)
             if done is None and c['eval']:
@@ -347,8 +347,10 @@ def run(cfg, train, Model):
             elif done is None:
                 model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
                 after = read_checkpoint(path, mmap=True) if rank == 0 and os.path.isfile(path) else {}
-                if saved and after.get('step') == saved.get('step'):   # --lr, say
-                    print0(f'note: nothing was trained: {path} had finished and no key typed lengthens it')
+                if saved and (after.get('stage'), after.get('step')) == (saved.get('stage'), saved.get('step')):
+                    print0(f'note: nothing was trained: {path} had finished and no key typed lengthens it (--lr, '
+                           'say); it is evaluated as saved')
+                    model = load(path, Model, device=c['device'])[0]
                 seconds = after.get('train_seconds', seconds)   # the checkpoint's, which re-evaluations report
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')
@@ -390,7 +392,7 @@ def _load_finished(c, path, Model):
         if set(changed) <= set(infer) | set(MEASURED_KEYS):
             hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
                 f' --{k} {v}' for k, v in changed.items())
-        raise UserError(f'--eval evaluates {path} as trained ({trained}); {hint}')
+        raise UserError(f'{path} is evaluated as trained ({trained}); {hint}')
     return model, ckpt
 
 
@@ -402,11 +404,11 @@ def _paper_on_cpu(cfg, ckpt, verb):
                         f'to {verb} it on the CPU anyway')
 
 
-def _finished(c, saved):
+def _finished(c, saved, infer=()):
     """The checkpoint saved (read with mmap) holds a finished model (not a mid-run checkpoint evaluated
     by hand) and nothing typed now (--steps, say) would train it further: --resume then evaluates it,
-    without re-saving it or adding to its training time."""
-    new = [k for k in _given(c) - set(RESUME_KEYS + RUNTIME_KEYS) if c[k] != saved['config'].get(k)]
+    without re-saving it or adding to its training time (and refuses typed infer keys, as --eval does)."""
+    new = [k for k in _given(c) - set(RESUME_KEYS + RUNTIME_KEYS + tuple(infer)) if c[k] != saved['config'].get(k)]
     return saved.get('final') is not False and not new
 
 
@@ -425,7 +427,7 @@ def _resume_each(c, root, cats):
     saved = read_checkpoint(siblings[0], mmap=True)['config']
     first = {k: saved[k] for k in saved.get('cli_keys', ()) if k not in RESUME_KEYS + ('category',)}
     typed = {k: c[k] for k in c.get('cli_keys', ()) if k != 'category'}
-    print0(f"{c['category']}: not reached before the kill; training it from the start")
+    print0(f"{c['category']}: not reached before the run stopped; training it from the start")
     return {**c, **first, **typed, 'resume': False, 'cli_keys': tuple({**first, **typed})}, None
 
 # -----------------------------------------------------------------------------

@@ -124,6 +124,11 @@ def test_resume_of_a_finished_run_evaluates_it_without_training_or_saving(tmp_pa
     assert json.load(open(os.path.join(out, 'results.json')))['train_seconds'] == seconds
     toy_method.main(['--out_dir', out, '--resume', '--lr', '0.5'])        # typed, but lengthens nothing
     assert 'note: nothing was trained: ' in capsys.readouterr().out and common.read_checkpoint(ckpt)['step'] == 3
+    with pytest.raises(UserError, match=r'is evaluated as trained \(noise 0.0\); .* python eval.py \S+ --noise 0.3'):
+        toy_method.main(['--out_dir', out, '--resume', '--noise', '0.3'])    # an inference key: eval.py's job
+    toy_method.main(['--out_dir', out, '--resume', '--lr', '0.7', '--noise', '0.3'])   # nothing trained: as saved
+    assert json.load(open(os.path.join(out, 'results.json')))['config']['noise'] == 0.0
+    assert 'evaluated as saved' in capsys.readouterr().out
     toy_method.main(['--out_dir', out, '--resume', '--steps', '4'])
     assert common.read_checkpoint(ckpt)['step'] == 4 and 'nothing was trained' not in capsys.readouterr().out
 
@@ -177,7 +182,7 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
         E.main([ckpt, '--width', '4'])
     with pytest.raises(UserError, match='unknown option --S'):
         E.main([ckpt, '--S', '3'])
-    with pytest.raises(UserError, match=r'--eval evaluates \S+ as trained \(noise 0.0\); for other data or inference keys '
+    with pytest.raises(UserError, match=r'\S+ is evaluated as trained \(noise 0.0\); for other data or inference keys '
                                         r'run: python eval.py \S+ckpt.pt --noise 0.2'):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--noise', '0.2'])
     with pytest.raises(UserError, match=r"as trained \(data_root 'data/synthetic'\); .* python eval.py \S+ --data_root x"):
