@@ -158,13 +158,19 @@ def data_defaults(cfg):
                 eval_size=cfg['eval_size'] or (128 if cfg['data'] == 'synthetic' else 256))
 
 
-def _check_shared(cfg):
-    """One-line errors for shared keys no method could use, before anything is loaded or trained."""
+def _check_values(cfg):
+    """One-line errors for values of shared keys no method could use (a config, or a checkpoint's with
+    eval.py's overrides), before anything is loaded, trained or evaluated."""
     if cfg['dtype'] not in ('float32', 'bfloat16'):
         raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
-    for key in ('batch_size', 'image_size'):
-        if cfg[key] < 1:
-            raise UserError(f'--{key} must be at least 1 (got {cfg[key]})')
+    for key, low in (('batch_size', 1), ('image_size', 1), ('heatmaps', 0)):
+        if cfg.get(key, low) < low:
+            raise UserError(f'--{key} must be at least {low} (got {cfg[key]})')
+
+
+def _check_shared(cfg):
+    """_check_values, and the keys only a command line sets: --train with --eval, a DTD folder."""
+    _check_values(cfg)
     if cfg['train'] and cfg['eval']:
         raise UserError('--train trains and then evaluates, --eval only evaluates a saved run: give one of them')
     if not 0 <= cfg['val_frac'] < 1:
@@ -525,6 +531,7 @@ def load(path, Model, overrides=None, device='cpu', ckpt=None):
             raise UserError(f'--{key} cannot change without retraining; inference keys of '
                             f"{method_of(Model)}: {', '.join(infer) or 'none'}")
     cfg = {**saved_config(ckpt, Model), **(overrides or {}), 'device': device}
+    _check_values(cfg)
     return _restore(path, Model, cfg, ckpt).eval(), ckpt
 
 

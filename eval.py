@@ -244,7 +244,8 @@ def evaluate_checkpoint(path, argv):
     config = common.saved_config(ckpt, common.import_method(ckpt['method']).Model)
     overrides = common._parse_argv(argv, {**config, 'heatmaps': 0})          # load() refuses non-inference keys
     heatmaps, out_dir = overrides.pop('heatmaps', 0), overrides.pop('out_dir', '')
-    model, ckpt = _load(path, overrides, common.pick_device(overrides.get('device', 'auto')), ckpt)
+    model, ckpt = _load(path, dict(overrides, heatmaps=heatmaps), common.pick_device(overrides.get('device', 'auto')),
+                        ckpt)                                                       # load() checks the values
     named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}), **overrides}   # mid-run or
     tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in named.items()))   # overridden: its own
     out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # folder, not the run's
@@ -305,13 +306,15 @@ def predict(ckpt, image_path, out='', category=''):
                         + (f' (not {category!r})' if category else ''))
     cls = torch.tensor([cats.index(category) if category else 0], device=_device(model))
     x = torch.tensor(common._read(image_path, model.cfg['image_size'])).float()[None] / 255
-    o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[common.path_key(image_path, model.cfg['data_root'])]))
+    key = common.path_key(image_path, model.cfg['data_root'])         # as evaluation's: its noise, and its name
+    o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[key]))
     amap = o['map'][0].float().cpu().numpy()
-    out = out or '_'.join(os.path.splitext(os.path.abspath(image_path))[0].split(os.sep)[-2:]) + '_heatmap.png'
+    name = key if '/' in key else '/'.join(os.path.abspath(image_path).split(os.sep)[-2:])    # elsewhere: folder/file
+    out = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt), 'predict',   # in the run's
+                              os.path.splitext(name)[0].replace('/', '_') + '_heatmap.png')        # folder, not here
     panel = _panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap, amap.min(), amap.max())
     common.write_atomic(out, lambda f: Image.fromarray(panel).save(f, 'PNG'))
-    score = float(o['score'][0])
-    if not np.isfinite(score):   # e.g. InversionAD saved before its validation statistics exist
+    if not np.isfinite(score := float(o['score'][0])):   # e.g. InversionAD saved before its validation statistics
         raise UserError(f'{ckpt} scores this image {score}: saved before its training finished, or a bug in its predict')
     print(f'{image_path}: score {score:.6g} ({model.cfg["method"]}; higher = more anomalous); '
           f'heatmap (colours scaled to this image) -> {out}')
@@ -427,15 +430,12 @@ def main(argv=None):
     elif argv[0] == '--compare':
         return compare(argv[1] if len(argv) > 1 else 'out')
     elif argv[0] == '--predict':
-        i = argv.index('--category') + 1 if '--category' in argv else 0      # the value's position
-        if i == len(argv):
-            raise UserError('--category needs a value')
-        category = argv[i] if i else next((a.split('=', 1)[1] for a in argv if a.startswith('--category=')), '')
-        rest = [a for j, a in enumerate(argv[1:], 1) if j != i and not a.startswith('--category')]
-        if not 2 <= len(rest) <= 3 or any(a.startswith('--') for a in rest) or len(rest) == 3 and os.path.exists(
-                rest[2]) and not rest[2].endswith('_heatmap.png'):       # a second image is not overwritten
+        n = next((j for j, a in enumerate(argv) if j and a.startswith('--')), len(argv))   # CKPT IMAGE [OUT], then
+        rest, category = argv[1:n], common._parse_argv(argv[n:], {'category': ''}).get('category', '')   # options
+        if not 2 <= len(rest) <= 3 or len(rest) == 3 and os.path.exists(rest[2]) and not rest[2].endswith(
+                '_heatmap.png'):                                          # a second image is not overwritten
             raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png] [--category NAME] (OUT: a new file)')
-        return predict(*rest[:3], category=category)
+        return predict(*rest, category=category)
     elif argv[0] == '--bench':
         if len(argv) < 2:
             raise UserError(f"usage: python eval.py --bench METHOD [--preset paper]; methods: {', '.join(common.METHODS)}")

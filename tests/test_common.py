@@ -61,6 +61,7 @@ def test_config_forms_types_and_presets(capsys):
     (['--dtype', 'float16'], "--dtype must be float32 or bfloat16 (got 'float16')"),
     (['--batch_size', '0'], '--batch_size must be at least 1'),
     (['--image_size', '0'], '--image_size must be at least 1 (got 0)'),
+    (['--heatmaps', '-1'], '--heatmaps must be at least 0 (got -1)'),
     (['--val_frac', '-0.2'], '0 <= val_frac < 1 (got -0.2)'),      # would swap the train and val shares
     (['--train', '--eval'], '--eval only evaluates a saved run: give one of them'),
     (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),

@@ -182,6 +182,9 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
         E.main([ckpt, '--width', '4'])
     with pytest.raises(UserError, match='unknown option --S'):
         E.main([ckpt, '--S', '3'])
+    for key, value in (('heatmaps', '-1'), ('batch_size', '0')):   # refused before anything is evaluated
+        with pytest.raises(UserError, match=f'--{key} must be at least .* \\(got {value}\\)'):
+            E.main([ckpt, f'--{key}', value])
     with pytest.raises(UserError, match=r'\S+ is evaluated as trained \(noise 0.0\); for other data or inference keys '
                                         r'run: python eval.py \S+ckpt.pt --noise 0.2'):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--noise', '0.2'])
@@ -231,7 +234,8 @@ def test_predict_draws_the_noise_of_the_evaluation(tmp_path, monkeypatch):
 
 def test_predict_never_overwrites_a_second_image(tmp_path, monkeypatch):
     """`--predict CKPT a/000.png b/000.png` (two images, or a shell glob) is refused, not a heatmap
-    written over b/000.png; default heatmap names keep the folder, as MVTec repeats 000.png per folder."""
+    written over b/000.png; default heatmaps go to the run's predict/ folder (not the working directory,
+    perhaps a checkout) and keep the image's folder, as MVTec repeats 000.png per folder."""
     ckpt = os.path.join(toy(tmp_path, '--steps', '2'), 'ckpt.pt')
     for folder in ('a', 'b'):
         os.makedirs(tmp_path / folder)
@@ -243,8 +247,10 @@ def test_predict_never_overwrites_a_second_image(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for folder in ('a', 'b', 'a'):                       # the second run of a rewrites its own heatmap
         E.main(['--predict', ckpt, str(tmp_path / folder / '000.png')])
+    assert sorted(os.listdir(os.path.join(os.path.dirname(ckpt), 'predict'))) == ['a_000_heatmap.png', 'b_000_heatmap.png']
+    E.main(['--predict', os.path.dirname(ckpt), str(tmp_path / 'a' / '000.png'), 'a_000_heatmap.png'])   # a run folder
     E.main(['--predict', ckpt, str(tmp_path / 'a' / '000.png'), 'a_000_heatmap.png'])   # an earlier heatmap: fine
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.png')) == ['a_000_heatmap.png', 'b_000_heatmap.png']
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.png')) == ['a_000_heatmap.png']
 
 
 def test_predict_on_a_class_conditioned_multi_class_model_needs_the_category(tmp_path):
@@ -261,8 +267,10 @@ def test_predict_on_a_class_conditioned_multi_class_model_needs_the_category(tmp
         E.main(['--predict', ckpt, str(img), '--category'])
     with pytest.raises(UserError, match="not 'screw'"):
         E.main(['--predict', ckpt, str(img), '--category', 'screw'])
-    with pytest.raises(UserError, match=r'usage: python eval.py --predict CKPT IMAGE \[OUT.png\]'):
+    with pytest.raises(UserError, match=r'unknown option --noise'):
         E.main(['--predict', ckpt, str(img), '--category', 'grain', '--noise', '0.1'])   # not an output name
+    with pytest.raises(UserError, match=r"unexpected argument '\S+ckpt.pt'"):
+        E.main(['--predict', '--category', 'grain', ckpt, str(img)])                  # options come last
     assert np.isfinite(E.main(['--predict', ckpt, str(img), str(tmp_path / 'h.png'), '--category', 'grain'])[0])
 
 
