@@ -161,7 +161,7 @@ def data_defaults(cfg):
 def _check_values(cfg):
     """One-line errors for values of shared keys no method could use (a config, or a checkpoint's with
     eval.py's overrides), before anything is loaded, trained or evaluated."""
-    if cfg['dtype'] not in ('float32', 'bfloat16'):
+    if cfg.get('dtype', 'float32') not in ('float32', 'bfloat16'):
         raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
     for key, low in (('batch_size', 1), ('image_size', 1), ('heatmaps', 0)):
         if cfg.get(key, low) < low:
@@ -794,12 +794,13 @@ def _categories_of(cfg):
 
 
 def check_data(cfg):
-    """List (without decoding) the train and test files of every category the run needs, so that a
-    missing folder, image or mask is an error before training, not after it."""
+    """List the train and test files of every category the run needs and read the test files' headers
+    (without decoding), so that a missing folder, an image or mask PIL cannot open, or a mask shaped
+    unlike its image is an error before training, not after it."""
     cats = _categories_of(cfg)
     for cat in cats if cfg['data'] != 'synthetic' else ():
-        for split in ('train', 'test'):
-            _list(cfg['data'], cfg['data_root'], cat, split)
+        _list(cfg['data'], cfg['data_root'], cat, 'train')       # decoded before training anyway
+        _check_shapes(_list(cfg['data'], cfg['data_root'], cat, 'test'))
 
 
 def _load_category(cfg, cat, ci, split):
@@ -838,20 +839,31 @@ def path_key(path, root):
 
 
 def _shape(path):
-    """(width, height) of an image file as viewed (EXIF orientation applied), without decoding it."""
-    with Image.open(path) as im:
-        return im.size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size
+    """(width, height) of an image file as viewed (EXIF orientation applied), from its header."""
+    try:
+        with Image.open(path) as im:
+            return im.size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read {path}: {e}')
+
+
+def _check_shapes(records):
+    """Every image and mask opens, and no mask is shaped unlike its image (it would be stretched)."""
+    for image, _, mask in records:
+        if not isinstance(image, str):            # the synthetic benchmark's arrays
+            continue
+        w, h = _shape(image)
+        if isinstance(mask, str):
+            mw, mh = _shape(mask)
+            if abs(w * mh - h * mw) > 0.01 * w * mh:
+                raise UserError(f'the mask {mask} is {mw}x{mh} but its image {image} is {w}x{h}')
 
 
 def _check_masks(cat, records, masks):
-    """Refuse a mask shaped unlike its image (it would be stretched onto it); warn when masks of
-    anomalous images decode empty or nearly full (a format read wrong: a defect kept only in alpha,
-    an inverted palette), or vanish at the protocol size (defects under a pixel there)."""
-    for image, _, mask in records:
-        if isinstance(mask, str):
-            (w, h), (mw, mh) = _shape(image), _shape(mask)
-            if abs(w * mh - h * mw) > 0.01 * w * mh:
-                raise UserError(f'the mask {mask} is {mw}x{mh} but its image {image} is {w}x{h}')
+    """_check_shapes; and warn when masks of anomalous images decode empty or nearly full (a format
+    read wrong: a defect kept only in alpha, an inverted palette), or vanish at the protocol size
+    (defects under a pixel there)."""
+    _check_shapes(records)
     cover = masks.reshape(len(masks), -1).mean(1)
     odd = [r[2] for r, c in zip(records, cover) if r[1] and r[2] is not None and not 0 < c < 0.9]
     if odd:

@@ -224,8 +224,9 @@ def test_masks_are_checked_against_their_images(tmp_path):
         common.load_dataset(_cfg('folder', root), 'test')
     os.remove(gt / '000.png')
     _mask(f'{gt}/000_mask.png', size=(60, 60))                                # 40x30 image: would be stretched
-    with pytest.raises(UserError, match='the mask .*000_mask.png is 60x60 but its image .*000.png is 40x30'):
-        common.load_dataset(_cfg('folder', root), 'test')
+    for check in (lambda c: common.load_dataset(c, 'test'), common.check_data):   # check_data: before training
+        with pytest.raises(UserError, match='the mask .*000_mask.png is 60x60 but its image .*000.png is 40x30'):
+            check(_cfg('folder', root))
     _mask(f'{gt}/000_mask.png', size=(80, 60))                                # the same shape, finer: fine
     common.load_dataset(_cfg('folder', root), 'test')
     _mask(f'{gt}/000_mask.png', value=0)                                      # e.g. the defect only in alpha
@@ -332,8 +333,9 @@ def test_loader_errors(tmp_path):
         common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')
     (root / 'bottle' / 'test' / 'crack' / '000.png').write_bytes(b'not a png')
     _mask(f'{root}/bottle/ground_truth/crack/000_mask.png')
-    with pytest.raises(UserError, match='cannot read .*crack/000.png'):
-        common.load_dataset(_cfg('mvtec', root, 'bottle'), 'test')
+    for check in (lambda c: common.load_dataset(c, 'test'), common.check_data):
+        with pytest.raises(UserError, match='cannot read .*crack/000.png'):
+            check(_cfg('mvtec', root, 'bottle'))
     for f in (root / 'bottle' / 'train' / 'good').iterdir():
         f.unlink()
     with pytest.raises(UserError, match='no images in .*train/good'):
