@@ -448,7 +448,7 @@ def import_method(name):
     """The module of a method file by name: one of METHODS, or a copy or a new method file beside
     common.py or on PYTHONPATH (how eval.py finds the method a checkpoint names)."""
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(name.removesuffix('.py'))     # 'lasb.py' means lasb
     except ImportError as e:
         raise UserError(f"cannot import the method {name!r} ({e}): its file must sit beside common.py or on "
                         f"PYTHONPATH; this project's methods: {', '.join(METHODS)}")
@@ -494,8 +494,9 @@ def write_atomic(path, write, mode='wb'):
 def read_checkpoint(path, mmap=False):
     """The checkpoint dict, or a one-line error for a missing, truncated, pickled or foreign file.
     A run folder stands for its ckpt.pt; mmap=True reads tensors lazily (to look at the config)."""
-    members = sorted(glob.glob(os.path.join(glob.escape(path), '*', 'ckpt.pt'))) if os.path.isdir(path) else []
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    folder = os.path.dirname(path)        # <each run>/ckpt.pt, or the run folder: its members have them
+    members = sorted(glob.glob(os.path.join(glob.escape(folder), '*', 'ckpt.pt'))) if folder else []
     if not os.path.isfile(path) and members:
         raise UserError(f'no checkpoint in {os.path.dirname(path)}, but in its subfolders (one per category of '
                         f'a --category each run): give one, e.g. {os.path.dirname(members[0])}')
@@ -551,8 +552,8 @@ def resume(cfg, Model):
     try:
         model = _restore(path, Model, {**saved, **{k: cfg[k] for k in given if k in cfg}, 'cli_keys': typed}, ckpt)
     except UserError as e:
-        raise UserError(f"{' '.join('--' + k for k in changed)} changed the network, which cannot change on "
-                        '--resume' if changed else e)
+        keys = ('one of ' if len(changed) > 1 else '') + ' '.join('--' + k for k in changed)
+        raise UserError(f'the network cannot change on --resume, and {keys} changes it' if changed else e)
     print0(f"resuming {path} (preset {saved.get('preset')}) at step {ckpt['step']}" +
            (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
     return model, ckpt

@@ -258,12 +258,12 @@ def compare(root):
     method, data, category, preset, protocol and config (not per-run keys; common.MEASURED_KEYS do count); a
     preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_record',
-                                                                     'compile')
+                                                                     'compile', 'log_interval', 'ckpt_interval')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')   # an 'each' run's, or
         up = json.load(open(parent)) if os.path.isfile(parent) else {}                 # an eval_* folder's run
-        if up.get('category') == 'each':
-            continue
+        if up.get('category') == 'each' and not os.path.relpath(parent, root).startswith('..'):   # a member of a
+            continue                                                                  # summary in root: folded in
         r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
         older = tag.startswith('eval_') and str(up.get('train_seconds', r['train_seconds'])) != str(r['train_seconds'])
         preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '') + (   # a re-evaluation, perhaps of a

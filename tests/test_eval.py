@@ -76,6 +76,7 @@ def test_each_runs_one_model_per_category_and_a_mean_row(tmp_path):
     assert r['metrics']['mean']['image_auroc'] == pytest.approx(np.mean([r['metrics'][c]['image_auroc'] for c in common.SYNTHETIC]))
     runs = E.compare(str(tmp_path))
     assert list(runs) == [('toy_method', 'synthetic', 'each', 'tiny')]   # members folded into the summary
+    assert list(E.compare(os.path.join(out, 'grain'))) == [('toy_method', 'synthetic', 'grain', 'tiny')]   # or alone
 
 
 def test_a_fresh_each_run_stops_before_training_if_any_category_has_a_checkpoint(tmp_path):
@@ -106,8 +107,10 @@ def test_resume_keeps_the_saved_config_and_the_keys_given(tmp_path, capsys):
     assert_same_checkpoints(straight, cut)
     r = json.load(open(os.path.join(cut, 'results.json')))
     assert (r['config']['lr'], r['category']) == (0.05, 'weave')
-    with pytest.raises(UserError, match='--width changed the network, which cannot change on --resume'):
+    with pytest.raises(UserError, match='the network cannot change on --resume, and --width changes it'):
         toy_method.main(['--out_dir', cut, '--width', '8', '--resume'])
+    with pytest.raises(UserError, match='and one of --steps --width changes it'):   # not blamed on --steps alone
+        toy_method.main(['--out_dir', cut, '--width', '8', '--steps', '7', '--resume'])
     assert E.main([cut])['config']['lr'] == 0.05                       # eval.py takes a run folder too
 
 
@@ -178,6 +181,8 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     assert os.path.isfile(tmp_path / 'mine' / 'results.json')
     with pytest.raises(UserError, match=r'no checkpoint in \S+, but in its subfolders .*: give one, e.g. \S+(mid|run)'):
         E.main([str(tmp_path)])                                           # like the folder of an 'each' run
+    with pytest.raises(UserError, match=r'no checkpoint in \S+, but in its subfolders'):
+        E.main(['--predict', str(tmp_path / 'ckpt.pt'), 'x.png'])         # ... or its missing ckpt.pt
     with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of toy_method: noise'):
         E.main([ckpt, '--width', '4'])
     with pytest.raises(UserError, match='unknown option --S'):
@@ -403,11 +408,12 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     json.dump(dict(r, config={k: v for k, v in r['config'].items() if k != 'noise'}),
               open(tmp_path / 'older' / 'results.json', 'w'))
     assert 'tiny noise=<absent> steps=6' in [k[3] for k in E.compare(str(tmp_path))]
-    for name, change in (('bigger', dict(batch_size=64)), ('compiled', dict(compile=True))):
+    for name, change in (('bigger', dict(batch_size=64)), ('compiled', dict(compile=True, log_interval=7))):
         os.makedirs(tmp_path / name)       # trained with another batch size: another setting; compiled: the same
         json.dump(dict(r, seed=5, config=dict(r['config'], **change)), open(tmp_path / name / 'results.json', 'w'))
     labels = [k[3] for k in E.compare(str(tmp_path))]
-    assert any('batch_size=64' in label for label in labels) and not any('compile' in label for label in labels)
+    assert any('batch_size=64' in label for label in labels) and not any('compile' in label or 'log_' in label
+                                                                         for label in labels)
     os.makedirs(tmp_path / 'oldrule')      # same config, older mask rule: a setting of its own, labelled so
     json.dump(dict(r, protocol=dict(r['protocol'], mask_rule='mask > 0')), open(tmp_path / 'oldrule' / 'results.json', 'w'))
     assert sum('mask_rule=mask > 0 ' in k[3] for k in E.compare(str(tmp_path))) == 1
@@ -426,6 +432,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
         else:
             assert p.returncode == 2 and "cannot import the method 'nomethod'" in p.stderr, p.stderr
             assert p.stderr.count('\n') == 1 and 'lasb' in p.stderr
+    assert common.import_method('toy_method.py') is toy_method           # the file name works too
 
 
 @pytest.mark.parametrize('method', common.METHODS)
