@@ -206,7 +206,7 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
                         'or pass --device cpu to run it anyway')
     if int(os.environ.get('RANK', 0)) == 0:          # torchrun: once, not once per process
         auto = cli_args.get('preset', defaults['preset']) == 'auto'
-        if not (auto and (cfg['resume'] or cfg['eval'])):     # else the checkpoint's preset, printed on loading
+        if not (auto and (cfg['resume'] or cfg['eval'])):     # else the checkpoint's (resume and results print it)
             print(f'{method}: preset {preset}' + (' (auto)' if auto else ''))
         for key, value in cli_args.items():
             print(f'overriding: {key} = {value!r}')
@@ -512,7 +512,21 @@ def read_checkpoint(path, mmap=False):
                         're-download it or train again')
     if not isinstance(ckpt, dict) or not {'method', 'config', 'model'} <= set(ckpt):
         raise UserError(f'{path} is not a checkpoint of this project (no method/config/model keys)')
-    return ckpt
+    return current_names(ckpt)
+
+
+def current_names(saved):
+    """A checkpoint's or results.json's dict with its config (and cli_keys) in today's key names: a
+    method file's RENAMED maps the names of keys it has renamed (old -> new), so that a run saved
+    before loads, resumes and compares as it was saved."""
+    try:
+        renamed = getattr(importlib.import_module(saved['method']), 'RENAMED', {})
+    except ImportError:
+        return saved                  # not a method here (a baseline, say): import_method says so where it matters
+    cfg = {renamed.get(k, k): v for k, v in saved['config'].items()}
+    if 'cli_keys' in cfg:
+        cfg['cli_keys'] = tuple(renamed.get(k, k) for k in cfg['cli_keys'])
+    return dict(saved, config=cfg)
 
 
 def load(path, Model, overrides=None, device='cpu', ckpt=None):
@@ -552,8 +566,8 @@ def resume(cfg, Model):
     try:
         model = _restore(path, Model, {**saved, **{k: cfg[k] for k in given if k in cfg}, 'cli_keys': typed}, ckpt)
     except UserError as e:
-        keys = ('one of ' if len(changed) > 1 else '') + ' '.join('--' + k for k in changed)
-        raise UserError(f'the network cannot change on --resume, and {keys} changes it' if changed else e)
+        raise UserError(f"{e} (the network cannot change on --resume; typed: {' '.join('--' + k for k in changed)})"
+                        if changed else e)
     print0(f"resuming {path} (preset {saved.get('preset')}) at step {ckpt['step']}" +
            (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
     return model, ckpt
@@ -834,9 +848,12 @@ def _load_category(cfg, cat, ci, split):
 def path_key(path, root):
     """A file's path relative to the data root, with '/' on every OS: the key that seeds its test-time
     noise (so Windows and Linux, evaluation and eval.py --predict draw the same); a file outside the
-    root is keyed by its name."""
-    path, root = os.path.abspath(path), os.path.join(os.path.abspath(root), '')
-    return path[len(root):].replace(os.sep, '/') if path.startswith(root) else os.path.basename(path)
+    root (a relative root is taken from the working directory) is keyed by its name."""
+    for norm in (os.path.abspath, os.path.realpath):              # as given, then through symlinks
+        p, r = norm(path), os.path.join(norm(root), '')
+        if os.path.normcase(p).startswith(os.path.normcase(r)):
+            return p[len(r):].replace(os.sep, '/')
+    return os.path.basename(path)
 
 
 def _shape(path):

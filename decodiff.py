@@ -109,7 +109,7 @@ config = dict(
     vae='sd',                   # sd: pretrained SD VAE (needs vae_weights) | small: trained here first
     vae_weights='',             # sd-vae-ft-ema diffusers weights: .safetensors/.bin file or its folder
     ae_channels=(32, 64, 64, 64),  # small AE: widths per level (4 = f8, 3 = f4; SD: 128,256,512,512)
-    ae_layers=1,                # small AE: res blocks per level (SD: 2)
+    ae_res_blocks=1,            # small AE: res blocks per level (SD: 2)
     ae_crop=0,                  # small AE: train on random crops of this size (0 = whole images)
     ae_steps=2000,              # small AE: training steps (stage 1)
     ae_batch_size=0,            # small AE: global batch; 0 = batch_size
@@ -147,9 +147,11 @@ config = dict(
     sigma_map=1.0,              # Gaussian blur of the final map: pixels at 256 px (paper-era code; current 0)
 )
 del config['backbone_weights']   # a shared key this method has no use for (its pretrained VAE: --vae_weights)
+# keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
+RENAMED = dict(ae_layers='ae_res_blocks')
 PRESETS = {
     'paper': dict(),
-    'tiny': dict(batch_size=16, image_size=128, vae='small', ae_channels=(16, 32, 64), ae_layers=1,
+    'tiny': dict(batch_size=16, image_size=128, vae='small', ae_channels=(16, 32, 64), ae_res_blocks=1,
                  ae_crop=64, ae_steps=1000, ae_batch_size=8, ae_lr=2e-3, ch=32, ch_mult=(1, 2, 2),
                  num_res_blocks=1, attn_ds=(4,), head_dim=16, dropout=0.0, steps=1000, lr=1e-3,
                  min_lr=1e-4, warmup_steps=50, log_interval=100, ckpt_interval=500),
@@ -541,7 +543,7 @@ class Model(nn.Module):
         self.cfg = cfg
         sd = cfg['vae'] == 'sd'
         self.vae = AutoencoderKL(*((SD_VAE['channels'], SD_VAE['layers']) if sd else
-                                   (cfg['ae_channels'], cfg['ae_layers']))).requires_grad_(False)
+                                   (cfg['ae_channels'], cfg['ae_res_blocks']))).requires_grad_(False)
         self.unet = UNet(cfg)
         abar = torch.cumprod(1 - cosine_betas(cfg['T']), 0)
         self.register_buffer('abar', abar.float())                               # \bar\alpha_t

@@ -147,6 +147,8 @@ config = dict(
 )
 del config['backbone_weights']   # a shared key this method has no use for (no pretrained backbone)
 
+# keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
+RENAMED = dict(heads='num_heads', p_anomaly='anomaly_p', beta='anomaly_beta')
 PRESETS = {
     'paper': dict(category='each', foreground=True),
     'tiny': dict(image_size=48, input_range='pm1', unet_ch=8, unet_mults=(1, 2, 2, 4), unet_res=1,

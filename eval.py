@@ -264,8 +264,8 @@ def compare(root):
         up = json.load(open(parent)) if os.path.isfile(parent) else {}                 # an eval_* folder's run
         if up.get('category') == 'each' and not os.path.relpath(parent, root).startswith('..'):   # a member of a
             continue                                                                  # summary in root: folded in
-        r, tag = json.load(open(path)), os.path.basename(os.path.dirname(path))
-        older = tag.startswith('eval_') and str(up.get('train_seconds', r['train_seconds'])) != str(r['train_seconds'])
+        r, tag = common.current_names(json.load(open(path))), os.path.basename(os.path.dirname(path))
+        older = tag.startswith('eval_') and up.get('train_seconds', 0) > r['train_seconds']     # NaN: never
         preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '') + (   # a re-evaluation, perhaps of a
             ' of an earlier checkpoint' if older else '')             # checkpoint --resume has trained further since
         cfg = {k: v for k, v in r['config'].items() if k not in per_run or k in common.MEASURED_KEYS}

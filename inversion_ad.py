@@ -107,6 +107,8 @@ config = dict(
 )
 config.update(batch_size=8, image_size=256)
 del config['dtd_root']   # a shared key this method has no use for (no synthetic anomalies)
+# keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
+RENAMED = dict(channels='ch', channel_mult='ch_mult')
 PRESETS = {
     'paper': dict(category='each', backbone_weights='timm'),   # one model per category, ImageNet B4
     'tiny': dict(backbone='pixels', image_size=128, feature_size=32, ch=64, ch_mult=(1, 1, 1),
@@ -508,6 +510,8 @@ def train(cfg):
     total, warmup = cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch
     opt, ema = optimizer_and_ema(model, ckpt)
     step, seconds = ckpt['step'], ckpt['train_seconds']
+    if ckpt.get('final') and step >= total:        # a finished run resumed: nothing to train or re-save
+        return model.eval(), seconds
     net = torch.compile(model.unet) if cfg['compile'] else model.unet
     batches = common.train_batches(torch.utils.data.TensorDataset(z_train), cfg, step)
     model.unet.train()

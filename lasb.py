@@ -132,6 +132,8 @@ config = dict(
 )
 config.update(batch_size=8, image_size=256, log_interval=500, ckpt_interval=5000)
 
+# keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
+RENAMED = dict(ema='ema_decay')
 PRESETS = {
     'paper': dict(backbone_weights='timm'),   # the defaults above, with DiAD's ImageNet ResNet
     'tiny': dict(  # CPU minutes on the synthetic benchmark: 64 px images, 16x16x3 latents

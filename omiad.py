@@ -161,6 +161,8 @@ config = dict(
     score_kernel=16,        # image score = max of an avg-pooled map, kernel at 224 px (UniAD)
 )
 del config['dtd_root']   # a shared key this method has no use for (no synthetic anomalies)
+# keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
+RENAMED = dict(feat_size='feature_size', heads='num_heads', backbone_source='backbone_record')
 PRESETS = {
     'paper': dict(backbone_weights='timm'),                      # ImageNet B4 (timm cache)
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level

@@ -127,6 +127,9 @@ def test_killed_training_resumes_to_the_same_weights(method, tmp_path):
     resumed, _ = module.train(cfg)
     assert_same_weights(straight.state_dict(), resumed.state_dict())
     assert common.read_checkpoint(str(tmp_path / 'killed' / 'ckpt.pt'))['final'] is True
+    before = (tmp_path / 'straight' / 'ckpt.pt').read_bytes()       # a finished run resumed with a key that
+    module.train(micro_cfg(method, tmp_path / 'straight', '--resume', '--log_interval', '3')[1])   # trains
+    assert (tmp_path / 'straight' / 'ckpt.pt').read_bytes() == before                 # nothing: not re-saved
 
 
 @pytest.mark.parametrize('method', METHODS)
@@ -225,3 +228,30 @@ def test_models_keep_float32_buffers_and_a_plain_config(method, tmp_path):
             return all(isinstance(k, str) and plain(x) for k, x in v.items())
         return v is None or isinstance(v, (bool, int, float, str))
     assert plain(model.cfg)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_keys_saved_under_older_names_take_todays_names(method):
+    """A method's RENAMED maps the keys it has renamed, in configs and cli_keys (common.current_names)."""
+    renamed = __import__(method).RENAMED
+    old = dict(method=method, config=dict({k: i for i, k in enumerate(renamed)}, seed=5, cli_keys=(*renamed, 'seed')))
+    new = common.current_names(old)['config']
+    assert new == dict({renamed[k]: i for i, k in enumerate(renamed)}, seed=5, cli_keys=(*renamed.values(), 'seed'))
+
+
+def test_a_checkpoint_saved_before_a_rename_loads_and_resumes_as_saved(tmp_path):
+    """OmiAD's micro run has 2 attention heads (tiny: 4) on an 8x8 grid (tiny: 32): saved under the
+    old names heads / feat_size, the run must not silently come back with the defaults."""
+    module, cfg = micro_cfg('omiad', tmp_path)
+    module.train(cfg)
+    path = str(tmp_path / 'ckpt.pt')
+    c = torch.load(path, weights_only=True)
+    back = {new: old for old, new in module.RENAMED.items()}
+    c['config'] = {back.get(k, k): v for k, v in c['config'].items()}
+    c['config']['cli_keys'] = tuple(back.get(k, k) for k in c['config']['cli_keys'])
+    torch.save(c, path)
+    assert 'heads' in torch.load(path, weights_only=True)['config']
+    model, _ = common.load(path, module.Model)
+    assert (model.cfg['num_heads'], model.cfg['feature_size']) == (2, 8) and 'heads' not in model.cfg
+    resumed, _ = module.train(micro_cfg('omiad', tmp_path, '--resume', '--asd_steps', '5')[1])   # trains on
+    assert resumed.cfg['num_heads'] == 2 and resumed.cfg['backbone_record']['id'].startswith('pixels')   # no KeyError
