@@ -124,9 +124,9 @@ config = dict(
     top_k=50,                # image score = mean of the top-K map pixels; K for 256x256, scaled by area
     input_range='01',        # 01 (official code) | pm1: range of the images the U-Net sees
     # reconstruction sub-network: ADM U-Net predicting the noise
-    unet_ch=128,             # base channels
-    unet_mults=(1, 1, 2, 2, 4, 4),  # channel multiplier per resolution level
-    unet_res=2,              # residual blocks per level
+    ch=128,                  # U-Net base channels
+    ch_mult=(1, 1, 2, 2, 4, 4),  # U-Net channel multiplier per resolution level
+    num_res_blocks=2,        # U-Net residual blocks per level
     attn_res=(32, 16, 8),    # resolutions (px) with self-attention
     num_heads=4,             # attention heads
     # segmentation sub-network: DRAEM discriminative U-Net
@@ -148,10 +148,11 @@ config = dict(
 del config['backbone_weights']   # a shared key this method has no use for (no pretrained backbone)
 
 # keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
-RENAMED = dict(heads='num_heads', p_anomaly='anomaly_p', beta='anomaly_beta')
+RENAMED = dict(heads='num_heads', p_anomaly='anomaly_p', beta='anomaly_beta', unet_ch='ch', unet_mults='ch_mult',
+               unet_res='num_res_blocks')
 PRESETS = {
     'paper': dict(category='each', foreground=True),
-    'tiny': dict(image_size=48, input_range='pm1', unet_ch=8, unet_mults=(1, 2, 2, 4), unet_res=1,
+    'tiny': dict(image_size=48, input_range='pm1', ch=8, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
                  attn_res=(12, 6), seg_ch=32, seg_levels=4, seg_prior=0.01, batch_size=8, steps=1900,
                  lr=2e-3, lr_seg=3e-3, anneal=True, log_interval=100, ckpt_interval=200),
 }
@@ -359,7 +360,7 @@ class Model(nn.Module):
                                    f"(got {cfg['t_s']} and {cfg['t_b']})")
         if cfg['input_range'] not in ('01', 'pm1'):
             raise common.UserError(f"--input_range must be 01 or pm1 (got {cfg['input_range']!r})")
-        f = 2 ** max(len(cfg['unet_mults']) - 1, cfg['seg_levels'] - 1)    # the deepest downsampling
+        f = 2 ** max(len(cfg['ch_mult']) - 1, cfg['seg_levels'] - 1)    # the deepest downsampling
         if cfg['image_size'] % f:
             raise common.UserError(f"--image_size {cfg['image_size']} must be divisible by {f} (the U-Net's "
                                    'and the segmentation net\'s halvings)')
@@ -367,7 +368,7 @@ class Model(nn.Module):
             raise common.UserError(f"--betas and --anomaly_beta take two values, e.g. --anomaly_beta 0.2,0.8 (got "
                                    f"{cfg['betas']} and {cfg['anomaly_beta']})")
         self.cfg = cfg
-        self.unet = UNet(cfg['image_size'], cfg['unet_ch'], cfg['unet_mults'], cfg['unet_res'],
+        self.unet = UNet(cfg['image_size'], cfg['ch'], cfg['ch_mult'], cfg['num_res_blocks'],
                          cfg['attn_res'], cfg['num_heads'])
         self.seg = SegNet(cfg['seg_ch'], cfg['seg_levels'], cfg['seg_prior'])
         self.register_buffer('abar', linear_abar(cfg['T'], *cfg['betas']))   # abar_t, float32

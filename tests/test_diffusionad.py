@@ -25,7 +25,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = ['--image_size', '32', '--unet_ch', '16', '--unet_mults', '1,2', '--attn_res', '16',
+TINY = ['--image_size', '32', '--ch', '16', '--ch_mult', '1,2', '--attn_res', '16',
         '--seg_ch', '8', '--seg_levels', '3', '--batch_size', '4', '--category', 'weave',
         '--device', 'cpu', '--log_interval', '2']
 
@@ -242,7 +242,7 @@ def test_resume_is_exact_and_checkpoint_predicts_the_same_in_a_fresh_process(tmp
     torch.testing.assert_close(got['score'], expected['score'], atol=1e-6, rtol=0)
     torch.testing.assert_close(got['map'], expected['map'], atol=1e-6, rtol=0)
     with pytest.raises(common.UserError, match='retraining'):           # not an inference key
-        common.load(str(tmp_path / 'a' / 'ckpt.pt'), d.Model, overrides={'unet_ch': 8})
+        common.load(str(tmp_path / 'a' / 'ckpt.pt'), d.Model, overrides={'ch': 8})
     model, _ = common.load(str(tmp_path / 'a' / 'ckpt.pt'), d.Model, overrides={'t_s': 100})
     assert model.cfg['t_s'] == 100
 
@@ -274,8 +274,8 @@ def test_foreground_estimate_objects_only(monkeypatch):
 
 
 def test_cli_errors(tmp_path):
-    with pytest.raises(common.UserError, match='did you mean --unet_ch'):
-        d.main(['--unet_chh', '8'])
+    with pytest.raises(common.UserError, match='did you mean --ch_mult'):
+        d.main(['--ch_mul', '8'])
     with pytest.raises(common.UserError, match='--steps expects int'):
         d.main(['--steps', 'many'])
     with pytest.raises(common.UserError, match='no checkpoint'):

@@ -40,7 +40,7 @@ MICRO = {
               '--t_init 400 --ckpt_interval 2 --log_interval 2', 4),
     'decodiff': ('--category weave --image_size 32 --batch_size 4 --ae_steps 4 --steps 4 --ae_crop 16 '
                  '--patch_sizes 1,2 --patch_probs 0.5,0.5 --ckpt_interval 2 --log_interval 2', 5),
-    'diffusionad': ('--category weave --image_size 32 --unet_ch 16 --unet_mults 1,2 --attn_res 16 --seg_ch 8 '
+    'diffusionad': ('--category weave --image_size 32 --ch 16 --ch_mult 1,2 --attn_res 16 --seg_ch 8 '
                     '--seg_levels 3 --batch_size 4 --steps 4 --ckpt_interval 2 --log_interval 2', 3),
 }
 METHODS = sorted(MICRO)
