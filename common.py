@@ -335,8 +335,7 @@ def run(cfg, train, Model):
     try:
         each = cfg['category'] == 'each'
         cats = categories(cfg['data'], cfg['data_root']) if each else [cfg['category']]
-        if not cfg['resume'] and not cfg['eval']:   # a fresh run: fail now, not after training
-            _check_fresh(cfg, [os.path.join(cfg['out_dir'], *([cat] if each else []), 'ckpt.pt') for cat in cats])
+        _check_start(cfg, [os.path.join(cfg['out_dir'], *([cat] if each else []), 'ckpt.pt') for cat in cats])
         results = []
         for cat in cats:
             c = dict(cfg, category=cat, out_dir=os.path.join(cfg['out_dir'], cat)) if each else cfg
@@ -369,14 +368,24 @@ def run(cfg, train, Model):
         dist_teardown()
 
 
-def _check_fresh(cfg, paths):
-    """A run from the start: its data must be readable, and no checkpoint of it may exist yet (never
-    restart over a run silently)."""
-    check_data(cfg)
-    for path in paths:
-        if os.path.isfile(path):
-            raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
-                            'from the start, delete it or choose another --out_dir')
+def _check_start(cfg, paths):
+    """Fail now, not after training. A run from the start: its data must be readable, and no checkpoint
+    of it may exist yet (never restart over a run silently). --resume/--eval of a --category each run
+    must name it as trained: its categories come from --data and --data_root (a member says which)."""
+    if not cfg['resume'] and not cfg['eval']:
+        check_data(cfg)
+        for path in paths:
+            if os.path.isfile(path):
+                raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
+                                'from the start, delete it or choose another --out_dir')
+        return
+    members = sorted(glob.glob(os.path.join(glob.escape(cfg['out_dir']), '*', 'ckpt.pt')))
+    if members and not os.path.isfile(os.path.join(cfg['out_dir'], 'ckpt.pt')):
+        saved = read_checkpoint(members[0], mmap=True)['config']
+        need = dict(category='each', data=saved['data'], data_root=saved['data_root'])
+        if any(os.path.abspath(str(cfg[k])) != os.path.abspath(str(v)) for k, v in need.items()):
+            raise UserError(f"{cfg['out_dir']} holds a --category each run: add "
+                            + ' '.join(f'--{k} {v}' for k, v in need.items()))
 
 
 def _load_finished(c, path, Model):

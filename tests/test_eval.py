@@ -77,6 +77,10 @@ def test_each_runs_one_model_per_category_and_a_mean_row(tmp_path):
     runs = E.compare(str(tmp_path))
     assert list(runs) == [('toy_method', 'synthetic', 'each', 'tiny')]   # members folded into the summary
     assert list(E.compare(os.path.join(out, 'grain'))) == [('toy_method', 'synthetic', 'grain', 'tiny')]   # or alone
+    for argv in (['--resume'], ['--eval'], ['--eval', '--category', 'each', '--data_root', 'elsewhere']):
+        with pytest.raises(UserError, match='holds a --category each run: add --category each --data synthetic '
+                                            '--data_root data/synthetic'):        # its categories come from these
+            toy_method.main(['--out_dir', out, *argv])
 
 
 def test_a_fresh_each_run_stops_before_training_if_any_category_has_a_checkpoint(tmp_path):
