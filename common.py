@@ -371,7 +371,9 @@ def run(cfg, train, Model):
 def _check_start(cfg, paths):
     """Fail now, not after training. A run from the start: its data must be readable, and no checkpoint
     of it may exist yet (never restart over a run silently). --resume/--eval of a --category each run
-    must name it as trained: its categories come from --data and --data_root (a member says which)."""
+    must name it as trained: its categories come from --data and --data_root (a member says which), and
+    a paper-preset run, whose preset only its checkpoint may know, is refused on a CPU nobody asked for
+    (as get_config refuses a typed one)."""
     if not cfg['resume'] and not cfg['eval']:
         check_data(cfg)
         for path in paths:
@@ -379,9 +381,16 @@ def _check_start(cfg, paths):
                 raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
                                 'from the start, delete it or choose another --out_dir')
         return
+    own = os.path.join(cfg['out_dir'], 'ckpt.pt')
     members = sorted(glob.glob(os.path.join(glob.escape(cfg['out_dir']), '*', 'ckpt.pt')))
-    if members and not os.path.isfile(os.path.join(cfg['out_dir'], 'ckpt.pt')):
-        saved = read_checkpoint(members[0], mmap=True)['config']
+    first = own if os.path.isfile(own) else members[0] if members else None
+    if first is None:
+        return                                    # read_checkpoint says so where it is needed
+    saved = read_checkpoint(first, mmap=True)['config']
+    if saved.get('preset') == 'paper' and cfg['device'] == 'cpu' and 'device' not in cfg.get('cli_keys', ()):
+        raise UserError(f"{cfg['out_dir']} holds a paper-preset run and no GPU was found: pass --device cpu "
+                        f"to {'resume' if cfg['resume'] else 'evaluate'} it on the CPU anyway")
+    if first != own:                              # a --category each run
         need = dict(category='each', data=saved['data'], data_root=saved['data_root'])
         if any(os.path.abspath(str(cfg[k])) != os.path.abspath(str(v)) for k, v in need.items()):
             raise UserError(f"{cfg['out_dir']} holds a --category each run: add "
@@ -393,7 +402,6 @@ def _load_finished(c, path, Model):
     typed now that differs from the one trained with (it would be ignored, or evaluated into the run's
     results; inference keys and data go through eval.py instead)."""
     ckpt = read_checkpoint(path)        # the run's results come from its finished model only
-    _paper_on_cpu(c, ckpt, 'evaluate')
     if ckpt.get('final') is False:      # (refused here, before load() would warn about it)
         raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
                         f'with --resume, or evaluate it as it is with python eval.py {path}')
@@ -411,14 +419,6 @@ def _load_finished(c, path, Model):
     return model, ckpt
 
 
-def _paper_on_cpu(cfg, ckpt, verb):
-    """get_config's refusal of the paper preset on a CPU nobody asked for, for a run whose preset only
-    its checkpoint knows (--resume, --eval without --data)."""
-    if ckpt.get('preset') == 'paper' and cfg['device'] == 'cpu' and 'device' not in cfg.get('cli_keys', ()):
-        raise UserError(f"{cfg['out_dir']} holds a paper-preset run and no GPU was found: pass --device cpu "
-                        f'to {verb} it on the CPU anyway')
-
-
 def _finished(c, saved, infer=()):
     """The checkpoint saved (read with mmap) holds a finished model (not a mid-run checkpoint evaluated
     by hand) and nothing typed now (--steps, say) would train it further: --resume then evaluates it,
@@ -433,6 +433,7 @@ def _resume_each(c, root, cats):
     kill, from the start with the options the run was started with (a sibling checkpoint's cli_keys)
     and the ones typed now."""
     done, path = os.path.join(c['out_dir'], 'results.json'), os.path.join(c['out_dir'], 'ckpt.pt')
+    # an inference key typed: not kept as it was, so that run() refuses it as --eval does
     if os.path.isfile(done) and os.path.isfile(path) and _finished(c, read_checkpoint(path, mmap=True)):
         print0(f"{c['category']}: finished; kept as it was")
         return c, json.load(open(done))
@@ -504,12 +505,11 @@ def read_checkpoint(path, mmap=False):
     """The checkpoint dict, or a one-line error for a missing, truncated, pickled or foreign file.
     A run folder stands for its ckpt.pt; mmap=True reads tensors lazily (to look at the config)."""
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    folder = os.path.dirname(path)        # <each run>/ckpt.pt, or the run folder: its members have them
-    members = sorted(glob.glob(os.path.join(glob.escape(folder), '*', 'ckpt.pt'))) if folder else []
-    if not os.path.isfile(path) and members:
-        raise UserError(f'no checkpoint in {os.path.dirname(path)}, but in its subfolders (one per category of '
-                        f'a --category each run): give one, e.g. {os.path.dirname(members[0])}')
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):          # an 'each' run's folder (or its missing ckpt.pt): its members have them
+        members = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(path)), '*', 'ckpt.pt')))
+        if members and os.path.dirname(path):
+            raise UserError(f'no checkpoint in {os.path.dirname(path)}, but in its subfolders (one per category '
+                            f'of a --category each run): give one, e.g. {os.path.dirname(members[0])}')
         raise UserError(f'no checkpoint at {path}: train first (--train), or check --out_dir')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
@@ -566,7 +566,6 @@ def resume(cfg, Model):
     picked here and the out_dir the checkpoint was found in (RESUME_KEYS) always apply."""
     path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     ckpt = read_checkpoint(path)
-    _paper_on_cpu(cfg, ckpt, 'resume')
     saved, given = saved_config(ckpt, Model), _given(cfg)
     changed = [k for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
     for key in changed:
@@ -887,10 +886,10 @@ def _check_shapes(records):
 
 
 def _check_masks(cat, records, masks):
-    """_check_shapes; and warn when masks of anomalous images decode empty or nearly full (a format
-    read wrong: a defect kept only in alpha, an inverted palette), or vanish at the protocol size
-    (defects under a pixel there)."""
-    _check_shapes(records)
+    """_check_shapes of the images with a mask file (all images are decoded by now); and warn when masks
+    of anomalous images decode empty or nearly full (a format read wrong: a defect kept only in alpha,
+    an inverted palette), or vanish at the protocol size (defects under a pixel there)."""
+    _check_shapes([r for r in records if isinstance(r[2], str)])
     cover = masks.reshape(len(masks), -1).mean(1)
     odd = [r[2] for r, c in zip(records, cover) if r[1] and r[2] is not None and not 0 < c < 0.9]
     if odd:

@@ -504,14 +504,14 @@ def train(cfg):
     train_set, val_set = common.load_dataset(cfg, 'train'), common.load_dataset(cfg, 'val')
     if not resume:                               # build() keeps cfg as model.cfg and completes it
         model, ckpt = build(cfg, train_set), dict(step=0, train_seconds=0.0)
-    z_train = cache_features(model, train_set)                    # (N, c, g, g), c = 272 or 48; once
-    common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
-    per_epoch = math.ceil(len(z_train) / cfg['batch_size'])
+    per_epoch = math.ceil(len(train_set) / cfg['batch_size'])
     total, warmup = cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch
-    opt, ema = optimizer_and_ema(model, ckpt)
     step, seconds = ckpt['step'], ckpt['train_seconds']
     if ckpt.get('final') and step >= total:        # a finished run resumed: nothing to train or re-save
         return model.eval(), seconds
+    z_train = cache_features(model, train_set)                    # (N, c, g, g), c = 272 or 48; once
+    common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
+    opt, ema = optimizer_and_ema(model, ckpt)
     net = torch.compile(model.unet) if cfg['compile'] else model.unet
     batches = common.train_batches(torch.utils.data.TensorDataset(z_train), cfg, step)
     model.unet.train()
