@@ -103,8 +103,8 @@ def _coerce(key, text, default):
     try:
         if kind is bool:
             return {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}[str(text).lower()]
-        if kind is str:
-            return str(text)
+        if kind is str:   # 'data/mvtec/' is data/mvtec: one run, one eval folder
+            return os.path.normpath(text) if key.endswith('_root') and text else str(text)
         if kind is tuple:   # '1,2,4' or '(1, 2, 4)'
             return tuple(type(default[0])(v) for v in str(text).strip('()[] ').split(',') if v.strip())
         if kind is int and not str(text).lstrip('+-').isdigit():   # '1e2' -> 100; digits stay exact

@@ -112,8 +112,7 @@ def _infer(model, dataset, batch_size, size, timer):
         for k, v in out.get('scores', {}).items():
             outs['scores'].setdefault(k, []).append(v.double().cpu().numpy())
         outs['path'] += x['path']
-    for k in ('score', 'map', 'recon'):
-        outs[k] = np.concatenate(outs[k]) if outs[k] else None
+    outs.update({k: np.concatenate(outs[k]) if outs[k] else None for k in ('score', 'map', 'recon')})
     outs['scores'] = {k: np.concatenate(v) for k, v in outs['scores'].items()}
     return outs
 
@@ -235,7 +234,7 @@ def _load(path, overrides=None, device=None, ckpt=None):
     """A checkpoint of any method: the method file is named in the checkpoint itself."""
     ckpt = ckpt or common.read_checkpoint(path)
     Model = common.import_method(ckpt['method']).Model            # a copied or new method file too
-    return common.load(path, Model, overrides, device or common.pick_device(), ckpt)
+    return common.load(path, Model, overrides, common.pick_device(device or 'auto'), ckpt)
 
 
 def evaluate_checkpoint(path, argv):
@@ -244,19 +243,21 @@ def evaluate_checkpoint(path, argv):
     config = common.saved_config(ckpt, common.import_method(ckpt['method']).Model)
     overrides = common._parse_argv(argv, {**config, 'heatmaps': 0})          # load() refuses non-inference keys
     heatmaps, out_dir = overrides.pop('heatmaps', 0), overrides.pop('out_dir', '')
-    model, ckpt = _load(path, dict(overrides, heatmaps=heatmaps), common.pick_device(overrides.get('device', 'auto')),
-                        ckpt)                                                       # load() checks the values
-    named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}), **overrides}   # mid-run or
+    model, ckpt = _load(path, dict(overrides, heatmaps=heatmaps), overrides.get('device'), ckpt)   # load() checks values
+    named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}),     # mid-run or
+             **{k: v for k, v in overrides.items() if v != config.get(k)}}
     tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in named.items()))   # overridden: its own
     out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # folder, not the run's
     return evaluate(model, common.load_dataset(model.cfg, 'test'), out_dir, heatmaps,
                     ckpt.get('train_seconds', float('nan')), train_versions=ckpt.get('versions'))
 
 
-def compare(root):
+def compare(root='out', *more):
     """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each setting:
     method, data, category, preset, protocol and config (not per-run keys; common.MEASURED_KEYS do count); a
     preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
+    if more:
+        raise UserError(f'--compare takes one folder (got {len(more) + 1}): put the runs under one, e.g. out/')
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_record',
                                                                      'compile', 'log_interval', 'ckpt_interval')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
@@ -416,8 +417,7 @@ def bench_metrics(n=100, size=256):
 def run_baselines(argv):
     defaults = {k: common.BASE_CONFIG[k] for k in ('data', 'data_root', 'category', 'seed', 'eval_size', 'val_frac')}
     cfg = common.data_defaults({**defaults, **common._parse_argv(argv, defaults)})
-    results = baselines(cfg)
-    for kind, r in results.items():
+    for kind, r in (results := baselines(cfg)).items():
         print_table(r)
         write_json(f"out/baseline_{kind}_{cfg['data']}_{cfg['category']}_s{cfg['seed']}/results.json", r)
     return results
@@ -428,7 +428,7 @@ def main(argv=None):
     if not argv or argv[0] in ('-h', '--help'):
         print(__doc__)
     elif argv[0] == '--compare':
-        return compare(argv[1] if len(argv) > 1 else 'out')
+        return compare(*argv[1:])
     elif argv[0] == '--predict':
         n = next((j for j, a in enumerate(argv) if j and a.startswith('--')), len(argv))   # CKPT IMAGE [OUT], then
         rest, category = argv[1:n], common._parse_argv(argv[n:], {'category': ''}).get('category', '')   # options

@@ -173,6 +173,10 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
     assert open(os.path.join(out, 'results.json')).read() == own and 'trained_with' in r['versions']
     E.main([out, '--batch_size', '6', '--data_root', 'x/y'])   # a run folder; a path value: one folder
     assert os.path.isfile(os.path.join(out, 'eval_batch_size6_data_rootx-y', 'results.json'))
+    folders = sorted(os.listdir(out))
+    E.main([out, '--batch_size', '6', '--data_root', 'x/y/'])   # the same path: the same folder
+    E.main([out, '--batch_size', str(common.read_checkpoint(ckpt)['config']['batch_size'])])   # as trained: the run's
+    assert sorted(os.listdir(out)) == folders
     mid = tmp_path / 'mid'                                                 # saved mid-run: its own folder
     shutil.copytree(out, mid)
     torch.save(dict(torch.load(mid / 'ckpt.pt', weights_only=True), final=False, step=3), mid / 'ckpt.pt')
@@ -428,6 +432,8 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
     assert sum('mask_rule=mask > 0 ' in k[3] for k in E.compare(str(tmp_path))) == 1
     with pytest.raises(UserError, match='no results.json under'):
         E.compare(str(tmp_path / 'empty'))
+    with pytest.raises(UserError, match='--compare takes one folder'):      # a second one is not ignored
+        E.main(['--compare', str(tmp_path), str(tmp_path / 'oldrule')])
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
