@@ -525,7 +525,8 @@ def test_undefined_metrics_are_nan_with_a_warning():
     assert np.isnan(m['mad'])
     with pytest.warns(UserWarning, match='non-finite'):
         assert np.isnan(common.image_metrics([0, 1], [0.1, np.nan])['image_auroc'])
-    assert np.isnan(common.compute_metrics([0, 1], [0.1, 0.3])['pixel_ap'])   # no masks: image only
+    with pytest.warns(UserWarning, match='no ground-truth masks'):               # no masks: image only
+        assert np.isnan(common.compute_metrics([0, 1], [0.1, 0.3])['pixel_ap'])
 
 
 def test_masks_and_maps_of_different_sizes_are_an_error():
