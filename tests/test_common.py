@@ -390,6 +390,22 @@ def test_perlin_noise_range_and_any_size():
     assert n.shape == (50, 70) and np.abs(n).max() <= np.sqrt(2) * 1.01 and n.std() > 0.1
 
 
+def test_perlin_noise_matches_a_pixel_loop_with_the_quintic_fade():
+    h, w, res = 6, 8, (2, 2)
+    angles = np.random.default_rng(5).uniform(0, 2 * np.pi, (res[0] + 1, res[1] + 1))   # its first draws
+    fade = lambda t: 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3
+    want = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            y, x = i * res[0] / h, j * res[1] / w
+            y0, x0, fy, fx = int(y), int(x), y % 1, x % 1
+            dot = lambda dy, dx: (np.cos(angles[y0 + dy, x0 + dx]) * (fy - dy)
+                                  + np.sin(angles[y0 + dy, x0 + dx]) * (fx - dx))
+            top, bottom = dot(0, 0) + fade(fx) * (dot(0, 1) - dot(0, 0)), dot(1, 0) + fade(fx) * (dot(1, 1) - dot(1, 0))
+            want[i, j] = np.sqrt(2) * (top + fade(fy) * (bottom - top))
+    np.testing.assert_allclose(common.perlin_noise(np.random.default_rng(5), h, w, res), want, rtol=0, atol=1e-12)
+
+
 def test_perlin_anomaly_properties():
     x = _sample()
     coverages = []
@@ -417,9 +433,16 @@ def test_perlin_anomaly_properties():
 def test_perlin_anomaly_blend_is_eq_12(monkeypatch):
     monkeypatch.setattr(common, '_appearance', lambda image, rng, dtd, dtd_self: np.full_like(image, 255))
     x = _sample()
-    out = common.perlin_anomaly(x, np.random.default_rng(3), p=1.0, beta=(0.5, 0.5))
+    out = common.perlin_anomaly(x, np.random.default_rng(3), p=1.0, beta=(0.8, 0.8))   # b weighs the image
     m = out['mask'].expand(3, -1, -1) > 0
-    assert m.any() and torch.allclose(out['image'][m], 0.5 * x['image'][m] + 0.5, atol=1e-6)
+    assert m.any() and torch.allclose(out['image'][m], 0.8 * x['image'][m] + 0.2, atol=1e-6)
+
+
+def test_perlin_anomaly_mask_threshold_is_one_half(monkeypatch):
+    for level, hit in ((0.45, False), (0.55, True)):
+        monkeypatch.setattr(common, 'perlin_noise', lambda rng, h, w, res: np.full((h, w), level))
+        out = common.perlin_anomaly(_sample(), np.random.default_rng(0), p=1.0)
+        assert bool(out['mask'].any()) == hit and out['label'] == int(hit)
 
 
 def test_dtd_missing_is_a_clear_error(tmp_path):
@@ -501,6 +524,11 @@ def test_aupro_reference_values():
     for limit in (0.3, 0.05, 1.0):
         assert common.aupro(masks, maps, limit) == pytest.approx(_aupro_reference(masks, maps, limit), abs=1e-12)
     assert common.pixel_metrics(masks, maps)['aupro'] == pytest.approx(common.aupro(masks, maps), abs=1e-12)
+    masks = np.zeros((1, 8, 8), bool)       # two squares touching at a corner: ONE region (8-connected)
+    masks[0, 0:2, 0:2] = masks[0, 2:6, 2:6] = True
+    maps = np.zeros((1, 8, 8), np.float32)
+    maps[0, 0:2, 0:2] = 1.0                 # the small one found, no false positive: PRO 4/20 at FPR 0,
+    assert common.aupro(masks, maps) == pytest.approx(0.32, abs=1e-12)   # then to (1, 1): (0.2 + 0.44) / 2
 
 
 def test_perfect_and_constant_maps():

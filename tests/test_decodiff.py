@@ -73,7 +73,12 @@ def test_zero_output_model_leaves_the_latent_unchanged():
 
 
 class ConstantEta(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []                      # the timesteps it is called with
+
     def forward(self, z, t, cls=None):
+        self.seen.append(t.tolist())
         return torch.full_like(z, 0.5)
 
 
@@ -85,6 +90,7 @@ def test_correction_steps_follow_eq_13_14():
     z, s = torch.randn(1, 4, 8, 8), (1 - model.abar).sqrt()
     model.cfg.update(S=5, strategy='z_prev')
     assert torch.allclose(model.correct(z, None), z - s[8] * 0.5, atol=1e-6)
+    assert model.unet.seen == [[8], [6], [4], [2], [0]]      # t_S > ... > t_1, each t as it is
     model.cfg.update(strategy='z0')
     assert torch.allclose(model.correct(z, None), z - s[[0, 2, 4, 6, 8]].sum() * 0.5, atol=1e-6)
 
@@ -342,3 +348,78 @@ def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 3))    # as if under torchrun with 3 ranks
     with pytest.raises(common.UserError, match='--ae_batch_size 2 must be divisible by the 3 ranks'):
         d.train(small_cfg(tmp_path, '--ae_batch_size', '2'))
+
+
+def test_pixel_term_is_the_max_over_rgb_blurred_at_the_image_scale():
+    """Eq. 15's pixel term: max over RGB of |x_rec - x0| / gamma_p (clipped at 1), blurred with
+    sigma_pix given at 256 px, so 3 * 64/256 px at 64 px."""
+    x0, z = torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 1, 1)
+    x_rec = x0.clone()
+    x_rec[:, 0] = 0.2                                    # only the red channel deviates: 0.2 / 0.4
+    d_pix = tiny_model(sigma_pix=0.0, sigma_lat=0.0, sigma_map=0.0).anomaly_map(x_rec, x0, z + 1, z)[1]
+    torch.testing.assert_close(d_pix, torch.full((1, 4, 4), 0.5))
+    g = torch.Generator().manual_seed(0)
+    x0, x_rec = torch.rand(1, 3, 64, 64, generator=g), torch.rand(1, 3, 64, 64, generator=g)
+    model, z = tiny_model(sigma_pix=3.0, sigma_lat=0.0, sigma_map=0.0), torch.zeros(1, 4, 16, 16)
+    raw = (x_rec - x0).abs().amax(1, keepdim=True).clamp(max=0.4) / 0.4
+    torch.testing.assert_close(model.anomaly_map(x_rec, x0, z + 1, z)[1],
+                               common.gaussian_blur(raw, 3.0 * 64 / 256)[:, 0], atol=1e-6, rtol=0)
+
+
+def test_small_autoencoder_latents_are_scaled_to_unit_variance():
+    model = tiny_model(image_size=32)
+    images = (torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    data = torch.utils.data.TensorDataset(images)       # encode_dataset reads its len, .images and .cls
+    data.images, data.cls = images, torch.zeros(6, dtype=torch.long)
+    with torch.no_grad():
+        raw = model.vae.encode(images.float() / 255 * 2 - 1)[0]
+        latents = d.encode_dataset(model, data, dict(model.cfg, device='cpu'))
+    assert abs(raw.std().item() - 1) > 0.05                          # a case where the scale matters
+    assert latents.mean.std().item() == pytest.approx(1.0, rel=1e-4)
+    assert model.scale.item() == pytest.approx(1 / raw.std().item(), rel=1e-4)
+
+
+def test_the_latent_scale_cancels_in_decode_of_encode():
+    model = tiny_model(image_size=32)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.decode(model.encode(x)[0])
+        model.scale.fill_(2.5)
+        torch.testing.assert_close(model.decode(model.encode(x)[0]), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_corrector_loss_by_hand():
+    """Eq. 7, 11, 12 from the draws corrector_loss makes: masked patches stay z0, the others are
+    noised with mostly Gaussian (<= r_shuffle shuffled) noise, eta is the target on them only."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    torch.nn.init.normal_(model.unet.out[-1].weight, std=0.05)
+    cfg = dict(model.cfg, patch_sizes=(2,), patch_probs=(1.0,))
+    mean, std = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.full((4, 4, 8, 8), 0.05)
+    batch = dict(mean=mean, std=std, cls=torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        got = d.corrector_loss(model, batch, torch.Generator().manual_seed(0), cfg)
+        g = torch.Generator().manual_seed(0)
+        z0 = mean + std * torch.randn(mean.shape, generator=g)
+        t = torch.randint(0, cfg['T'], (4,), generator=g)
+        torch.multinomial(torch.tensor(cfg['patch_probs']), 1, generator=g)
+        m = d.random_patch_mask(torch.rand(4, generator=g) * cfg['r_mask'], 8, 2, g)
+        gauss = d.random_patch_mask(torch.rand(4, generator=g) * cfg['r_shuffle'], 8, 2, g)
+        eps = torch.randn(mean.shape, generator=g)
+        noise = gauss * eps + (1 - gauss) * d.shuffle_patches(z0, 2, g)
+        a = model.abar[t].view(-1, 1, 1, 1)
+        zt = m * z0 + (1 - m) * (a.sqrt() * z0 + (1 - a).sqrt() * noise)
+        eta = (1 - m) * (noise - (1 - a.sqrt()) / (1 - a).sqrt() * z0)
+        want = torch.nn.functional.mse_loss(model.unet(zt, t, batch['cls']), eta)
+    assert (1 - gauss).mean() < 0.3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_score_is_the_max_of_the_map():
+    torch.manual_seed(0)
+    model = tiny_model(image_size=32)
+    torch.nn.init.normal_(model.unet.out[-1].weight, std=0.05)
+    out = model.predict(dict(image=torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                             cls=torch.zeros(2, dtype=torch.long), path=['a', 'b']))
+    assert out['map'].flatten(1).amax(1).min() > 0
+    torch.testing.assert_close(out['score'], out['map'].flatten(1).amax(1))

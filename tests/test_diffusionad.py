@@ -295,3 +295,35 @@ def test_cli_errors(tmp_path):
             d.main(['--preset', 'paper'])
     r = subprocess.run([sys.executable, 'diffusionad.py', '--t_s'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: --t_s needs a value (default 200)"
+
+
+def test_segmentation_net_sees_the_clamped_guided_reconstruction(tmp_path):
+    """Eq. 8's x0_g can leave the image range; the segmentation net gets cat(x, clamp(x0_g))."""
+    model, seen = tiny_model(tmp_path), []
+    model.seg.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.rand(3, 3, 32, 32, generator=g) - 1
+    t_s, t_b = torch.full((3,), 200), torch.full((3,), 400)
+    eps_s, eps_b = torch.randn(2, 3, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        _, x0_g, _, _ = model(x, t_s, t_b, eps_s, eps_b)
+        raw = d.norm_guided(model.unet, model.abar, x, t_s, t_b, eps_s, eps_b, model.cfg['w'])[0]
+    assert raw.abs().max() > 1.1                                   # a case where the clamp matters
+    torch.testing.assert_close(x0_g, raw.clamp(-1, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(seen[0], torch.cat([x, raw.clamp(-1, 1)], 1), atol=1e-6, rtol=0)
+
+
+def test_segmentation_loss_alone_trains_the_unet(tmp_path):
+    """As the official code: x0_g is not detached, so on an all-anomalous batch (noise loss 0) the
+    segmentation loss still gives the U-Net a gradient."""
+    model = tiny_model(tmp_path).train()
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.rand(4, 3, 32, 32, generator=g) - 1
+    mask = torch.zeros(4, 32, 32)
+    mask[:, 8:20, 8:20] = 1
+    t_s, t_b = torch.tensor([10, 50, 100, 200]), torch.tensor([300, 400, 500, 600])
+    eps_s, eps_b = torch.randn(2, 4, 3, 32, 32, generator=g)
+    logits, _, e_s, e_b = model(x, t_s, t_b, eps_s, eps_b)
+    loss = d.noise_loss(e_s, e_b, eps_s, eps_b, torch.ones(4, dtype=torch.long)) + d.mask_loss(logits, mask, 5.0)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.unet.parameters())

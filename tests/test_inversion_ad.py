@@ -26,6 +26,14 @@ def tiny_cfg(out_dir, *extra):
     return common.get_config(ia.config, ia.PRESETS, TINY + ['--out_dir', str(out_dir), *extra], ia.__file__)
 
 
+def random_output_model(tmp_path):
+    """The tiny model in eval mode with a random output layer (the zero-initialised one predicts 0)."""
+    torch.manual_seed(0)
+    model = ia.Model(tiny_cfg(tmp_path)).eval()
+    torch.nn.init.normal_(model.unet.out[-1].weight, std=0.05)
+    return model
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """A tiny model trained for one epoch (18 steps), and a fixed test batch."""
@@ -117,8 +125,7 @@ def test_pixels_backbone_features():
 def test_train_step_is_eq_9_and_lowers_the_loss(tmp_path):
     """train_step's loss is ||eps_theta(x_t, t) - eps||^2 with its step's t and eps, and its updates
     lower it on a fixed batch."""
-    torch.manual_seed(0)
-    model = ia.Model(tiny_cfg(tmp_path))
+    model = random_output_model(tmp_path)      # a zero output's loss, mean(eps^2), ignores t and x_t
     cfg = model.cfg
     ema = copy.deepcopy(model.unet).requires_grad_(False)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['lr'])
@@ -281,3 +288,60 @@ def test_cli_errors(tmp_path, monkeypatch):
         ia.train(tiny_cfg(tmp_path, '--warmup_epochs', '1'))
     with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):
         ia.train(tiny_cfg(tmp_path, '--backbone_weights', 'timm'))   # not silently ignored
+
+
+def test_ema_is_decay_times_old_plus_the_rest_times_new(tmp_path):
+    model = random_output_model(tmp_path)
+    model.cfg['ema_decay'] = 0.9
+    ema, before = copy.deepcopy(model.unet).requires_grad_(False), copy.deepcopy(model.unet.state_dict())
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-2)
+    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    ia.train_step(model, model.unet, opt, ema, z0, 0, 100, 0, str(tmp_path / 'ckpt.pt'))
+    after = model.unet.state_dict()
+    for k, p_ema in ema.named_parameters():
+        torch.testing.assert_close(p_ema, 0.9 * before[k] + 0.1 * after[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_latent_scores_by_hand():
+    """Algorithm 1 on a hand-made final latent: the map is the per-position L2 norm (not squared),
+    the spatial score its max - min, the NLL 0.5 ||z||^2 + the Gaussian constant."""
+    z = torch.zeros(2, 2, 2, 2)
+    z[0, :, 0, 0] = torch.tensor([3.0, 4.0])            # norm 5
+    z[0, :, 1, 1] = torch.tensor([0.0, 1.0])            # norm 1, as the other two
+    z[0, :, 0, 1] = torch.tensor([1.0, 0.0])
+    z[0, :, 1, 0] = torch.tensor([0.0, -1.0])
+    z[1] = 2.0                                          # norm sqrt(8) everywhere
+    nll, spatial, norm = ia.latent_scores(z)
+    torch.testing.assert_close(norm[0], torch.tensor([[5.0, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(norm[1], torch.full((2, 2), 8 ** 0.5))
+    torch.testing.assert_close(spatial, torch.tensor([4.0, 0.0]))
+    const = 0.5 * 8 * float(np.log(2 * np.pi))
+    torch.testing.assert_close(nll, torch.tensor([0.5 * 28 + const, 0.5 * 32 + const]))
+
+
+def test_the_unet_sees_exactly_the_inversion_timesteps(tmp_path):
+    model, seen = random_output_model(tmp_path), []
+    model.unet.register_forward_hook(lambda m, args, out: seen.append(args[1].tolist()))
+    z0 = torch.randn(2, 48, 4, 4, generator=torch.Generator().manual_seed(0))
+    for S in (2, 4):
+        seen.clear()
+        model.invert(z0, S)
+        assert seen == [[t, t] for t in ia.inversion_timesteps(S)]
+
+
+def test_imagenet_normalisation_is_rgb(tmp_path):
+    """Invisible to the tiny preset's per-image standardised pixels; EfficientNet sees these values."""
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(ia.Model(tiny_cfg(tmp_path)).normalise(x), (x - mean) / std)
+
+
+def test_map_is_the_bilinearly_upsampled_norm_map(tmp_path):
+    model = random_output_model(tmp_path)
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = model.predict(dict(image=image, cls=torch.zeros(2, dtype=torch.long), path=['a', 'b']))
+    with torch.no_grad():
+        norm = ia.latent_scores(model.invert(model.features(image), model.cfg['S']))[2]
+    want = F.interpolate(norm[:, None], size=(32, 32), mode='bilinear', align_corners=False)[:, 0]
+    torch.testing.assert_close(out['map'], want, atol=1e-5, rtol=1e-5)

@@ -308,3 +308,69 @@ def test_an_empty_validation_split_fails_before_stage_1(tmp_path):
     with pytest.raises(common.UserError, match='val split of weave is empty'):
         lasb.train(micro_cfg(tmp_path, '--val_frac', '0'))
     assert not os.path.exists(tmp_path / 'ckpt.pt')
+
+
+def test_sampler_steps_by_hand():
+    """The bridge sampler for nfe = 1 and 2 written out: z0_hat = z - std_fwd[n] eps_theta, then the
+    Eq. 4 posterior from n to the previous index (noise on all but the last step), indices T-1 .. 0."""
+    s, g = paper_bridge(), torch.Generator().manual_seed(0)
+    z1, e1 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    net = lambda z, n: 0.3 * z + 0.1 * n / 1000                   # any deterministic eps_theta
+    calls, sf = [], s.std_fwd.double()
+    counted = lambda z, n: calls.append(n) or net(z, n)
+
+    def posterior(z0_hat, z, prev, n):                             # mean and variance, from std_fwd
+        sn2, sp2 = sf[n] ** 2, sf[prev] ** 2
+        return ((sn2 - sp2) / sn2 * z0_hat + sp2 / sn2 * z).float(), float(sp2 * (sn2 - sp2) / sn2)
+    want = posterior(z1 - sf[999] * net(z1, 999), z1, 0, 999)[0]  # nfe 1: one jump 999 -> 0, no noise
+    torch.testing.assert_close(s.sample(counted, z1, 1, lambda: e1), want, atol=1e-5, rtol=1e-5)
+    assert calls == [999]
+    calls.clear()
+    z, var = posterior(z1 - sf[999] * net(z1, 999), z1, 500, 999)  # nfe 2: 999 -> 500 (noised) -> 0
+    z = z + math.sqrt(var) * e1
+    want = posterior(z - sf[500] * net(z, 500), z, 0, 500)[0]
+    torch.testing.assert_close(s.sample(counted, z1, 2, lambda: e1), want, atol=1e-5, rtol=1e-5)
+    assert calls == [999, 500]
+
+
+def test_ema_update_closed_form():
+    """ema <- d ema + (1 - d) net with d = min(decay, (1 + n) / (10 + n)) at update n."""
+    ema, net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for step, decay in ((0, 0.99), (50, 0.5), (5000, 0.99)):
+        old = [p.clone() for p in ema.parameters()]
+        lasb.ema_update(ema, net, step, decay)
+        d = min(decay, (1 + step) / (10 + step))
+        for p_old, p_ema, p in zip(old, ema.parameters(), net.parameters()):
+            torch.testing.assert_close(p_ema, d * p_old + (1 - d) * p)
+
+
+def test_latent_pairs_encode_only_the_anomalous_images(tmp_path):
+    """A normal training image is paired with itself (z1 = z0, its cached latent); an anomalous
+    one with its encoding z1 = E(x~)."""
+    torch.manual_seed(0)
+    model, g = lasb.Model(micro_cfg(tmp_path)).eval(), torch.Generator().manual_seed(0)
+    z_train, images = torch.randn(5, 3, 8, 8, generator=g), torch.rand(4, 3, 32, 32, generator=g)
+    batch = dict(image=images, label=torch.tensor([0, 1, 0, 1]), path=['p3', 'p0', 'p4', 'p1'])
+    z0, z1 = lasb.latent_pair(model, batch, z_train, {f'p{i}': i for i in range(5)}, 'cpu')
+    torch.testing.assert_close(z0, z_train[[3, 0, 4, 1]])
+    torch.testing.assert_close(z1[[0, 2]], z0[[0, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(z1[[1, 3]], model.encode(images[[1, 3]]))
+
+
+def test_latent_scale_gives_unit_std_latents_and_cancels_in_decode(tmp_path):
+    """After stage 1 the bridge sees unit-std latents; the scale is invisible in D(E(x)), and the
+    encoder gets the [-1, 1] images it was trained on."""
+    torch.manual_seed(0)
+    model = lasb.Model(micro_cfg(tmp_path)).eval()
+    images = (torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    data = torch.utils.data.TensorDataset(images)             # finish_autoencoder reads .images
+    data.images = images
+    x = images[:2].float() / 255
+    with torch.no_grad():
+        raw, ref = lasb.encode_all(model, images, 'cpu'), model.decode(model.encode(x))   # scale 1
+        lasb.finish_autoencoder(model, data, data, model.cfg)
+        assert abs(raw.std().item() - 1) > 0.05 and lasb.encode_all(model, images, 'cpu').std().item() == \
+            pytest.approx(1.0, rel=1e-4)
+        torch.testing.assert_close(model.decode(model.encode(x)), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode(x), model.scale * model.ae.encoder(2 * x - 1))

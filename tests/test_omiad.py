@@ -400,3 +400,55 @@ def test_an_empty_validation_split_fails_before_stage_1(tmp_path):
     with pytest.raises(common.UserError, match='val split of weave is empty'):
         omiad.train(tiny_cfg(tmp_path, '--val_frac', '0'))
     assert not os.path.exists(tmp_path / 'ckpt.pt')
+
+
+def test_amdm_loss_by_hand(tmp_path):
+    """Eq. 6-11 from the same draws: the MASKED x0 is noised, the x0 estimate is scored against the
+    UNMASKED x0, weighted by min(SNR_t, snr_max)."""
+    torch.manual_seed(0)
+    model = omiad.Model(tiny_cfg(tmp_path))
+    torch.nn.init.normal_(model.teacher.out[-1].weight, std=0.05)    # the zero-initialised one predicts 0
+    cfg, abar = model.cfg, model.abar
+    x0 = torch.randn(4, 48, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = omiad.amdm_loss(model, x0, common.generator(0, 'by hand'))
+        g = common.generator(0, 'by hand')                           # the draws amdm_loss makes from it
+        t = torch.randint(0, cfg['T'], (4,), generator=g)
+        u = torch.rand((4, 1, 8, 8), generator=g)
+        p = cfg['p_min'] + (cfg['p_max'] - cfg['p_min']) * (t.float() / cfg['T']) ** cfg['kappa']
+        keep = (u >= p.view(-1, 1, 1, 1)).float()                    # 1 keeps, 0 masks (Eq. 8)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * (x0 * keep) + (1 - a).sqrt() * eps
+        x0_hat = (x_t - (1 - a).sqrt() * model.teacher(x_t, t)) / a.sqrt()
+        gamma = torch.minimum(a / (1 - a), torch.tensor(cfg['snr_max']))
+        want = (gamma * (x0_hat - x0) ** 2).mean()
+    assert (keep == 0).any() and (gamma < cfg['snr_max']).any()      # both matter in this case
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_map_is_the_squared_feature_error(tmp_path):
+    """Algorithm 2: S = ||x0 - x0_hat||^2 over channels, upsampled bilinearly to the input size."""
+    torch.manual_seed(0)
+    model = omiad.Model(tiny_cfg(tmp_path)).eval()
+    torch.nn.init.normal_(model.generator.out[-1].weight, std=0.05)
+    b = batch(2)
+    out = model.predict(b)
+    with torch.no_grad():
+        x0 = model.features(b['image'])
+        eps = common.sample_noise(x0.shape[1:], model.cfg['seed'], b['path'])
+        S = ((x0 - model.generate(model.generator, x0, eps, model.cfg['t_init'])) ** 2).sum(1, keepdim=True)
+    want = F.interpolate(S, size=(64, 64), mode='bilinear', align_corners=False)[:, 0]
+    torch.testing.assert_close(out['map'], want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_teacher_is_the_ema(tmp_path):
+    """ema_decay 0: the teacher is the trained net; ema_decay 1: it stays at its initialisation."""
+    x0, unchanged = torch.randn(8, 48, 8, 8, generator=torch.Generator().manual_seed(0)), {}
+    for decay in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = omiad.Model(tiny_cfg(tmp_path / str(decay), '--amdm_steps', '2', '--ema_decay', str(decay)))
+        init = copy.deepcopy(model.teacher.state_dict())
+        omiad.train_amdm(model, model.cfg, None, x0, None, lambda: 0.0)
+        unchanged[decay] = all(torch.equal(init[k], v) for k, v in model.teacher.state_dict().items())
+    assert unchanged == {0.0: False, 1.0: True}
