@@ -755,3 +755,119 @@ def test_load_pretrained_finds_timm_default_weights_in_the_cache(tmp_path, monke
     dst = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     rec = common.load_pretrained(dst, 'resnet18', 'timm')
     assert torch.equal(dst[0].weight, src[0].weight) and rec['id'] == 'resnet18.a1_in1k'
+
+# -----------------------------------------------------------------------------
+# the protocol's data and mechanics, each pinned against a hand computation
+
+
+def test_masks_are_resized_nearest_and_cut_at_one_half():
+    """8 -> 4 px nearest keeps source pixels 1, 3, 5, 7;
+    127 is below one half of 255, 128 above."""
+    a = (np.random.default_rng(0).random((8, 8)) < 0.5).astype(np.uint8) * 255
+    assert a[1::2, 1::2].any() and not a[1::2, 1::2].all()
+    np.testing.assert_array_equal(common._read(a, 4, mask=True)[0], (a[1::2, 1::2] > 0).astype(np.uint8))
+    b = np.array([[0, 127], [128, 255]], np.uint8)
+    np.testing.assert_array_equal(common._read(b, 2, mask=True)[0], [[0, 0], [1, 1]])
+
+
+def test_images_are_resized_bilinearly():
+    """A 2x2 image with columns 0 and 100 upsampled to 4 px is 0, 25, 75, 100 per row
+    (half-pixel centres, edges clamped); nearest would repeat 0 0 100 100."""
+    a = np.zeros((2, 2, 3), np.uint8)
+    a[:, 1] = 100
+    x = common._read(a, 4)
+    assert x.shape == (3, 4, 4)
+    np.testing.assert_array_equal(x, np.broadcast_to([0, 25, 75, 100], (3, 4, 4)))
+
+
+def test_16_bit_images_are_scaled_by_257(tmp_path):
+    """16-bit 257 * v reads as exactly v (65535 -> 255); by 256, 51400 would read 201."""
+    Image.fromarray(np.full((4, 4), 257 * 200, np.uint16)).save(tmp_path / 'deep.png')
+    assert (common._read(str(tmp_path / 'deep.png'), 4) == 200).all()
+
+
+
+
+def _folder(root, n_train=10):
+    for i in range(n_train):
+        os.makedirs(f'{root}/part/train/good', exist_ok=True)
+        Image.new('RGB', (8, 8), (i, i, i)).save(f'{root}/part/train/good/{i:03d}.png')
+    os.makedirs(f'{root}/part/test/good')
+    Image.new('RGB', (8, 8)).save(f'{root}/part/test/good/000.png')
+    return root
+
+
+def test_the_validation_split_is_a_seeded_share_of_train_good(tmp_path):
+    """10 training images, val_frac 0.35:
+    round(3.5) = 4 images, those at the first 4 positions of the permutation seeded by
+    (seed, 'val', category); train is the other 6; another seed, another split."""
+    root = _folder(tmp_path / 'd')
+    cfg = dict(data='folder', data_root=str(root), category='part', image_size=8, eval_size=8, val_frac=0.35)
+    files = [os.path.join('part', 'train', 'good', f'{i:03d}.png') for i in range(10)]
+    vals = []
+    for seed in (0, 1):
+        val, train = (common.load_dataset(dict(cfg, seed=seed), s) for s in ('val', 'train'))
+        order = np.random.default_rng(common.key_seed(seed, 'val', 'part')).permutation(10)
+        assert val.paths == [files[i] for i in sorted(order[:4])]
+        assert train.paths == [files[i] for i in sorted(order[4:])]
+        vals.append(val.paths)
+    assert vals[0] != vals[1]
+
+
+def test_masks_are_matched_to_their_image_stem_only(tmp_path):
+    """000.png must not also take 0001_mask.png."""
+    root = tmp_path / 'd'
+    for stem, rows in (('000', slice(0, 2)), ('0001', slice(4, 6))):
+        os.makedirs(root / 'part' / 'test' / 'crack', exist_ok=True)
+        os.makedirs(root / 'part' / 'ground_truth' / 'crack', exist_ok=True)
+        Image.new('RGB', (8, 8)).save(root / 'part' / 'test' / 'crack' / f'{stem}.png')
+        m = np.zeros((8, 8), np.uint8)
+        m[rows] = 255
+        Image.fromarray(m).save(root / 'part' / 'ground_truth' / 'crack' / f'{stem}_mask.png')
+    os.makedirs(root / 'part' / 'train' / 'good')
+    Image.new('RGB', (8, 8)).save(root / 'part' / 'train' / 'good' / '000.png')
+    test = common.load_dataset(dict(data='folder', data_root=str(root), category='part', image_size=8,
+                                    eval_size=8, seed=0, val_frac=0.0), 'test')
+    assert test.paths == [os.path.join('part', 'test', 'crack', f) for f in ('000.png', '0001.png')]
+    assert test.masks[0, 0, 0:2].all() and test.masks[0].sum() == 16
+    assert test.masks[1, 0, 4:6].all() and test.masks[1].sum() == 16
+
+
+
+
+def test_batch_order_is_the_seeded_per_epoch_permutations_concatenated():
+    """n = 10, batch 4: steps 0-4 cover positions 0-19 of perm(seed, epoch 0) + perm(seed, epoch 1),
+    each drawn from key_seed(seed, 'epoch', e); a resume at step 3 starts at position 12."""
+    for seed in (0, 5):
+        perms = [np.random.default_rng(common.key_seed(seed, 'epoch', e)).permutation(10) for e in range(2)]
+        stream = np.concatenate(perms)
+        it = common._batch_keys(10, 4, seed, 0, 0, 1)
+        for step in range(5):
+            assert next(it) == [(step, j, int(stream[4 * step + j])) for j in range(4)]
+        assert next(common._batch_keys(10, 4, seed, 3, 0, 1)) == [(3, j, int(stream[12 + j])) for j in range(4)]
+    assert not np.array_equal(*[np.random.default_rng(common.key_seed(s, 'epoch', 0)).permutation(10) for s in (0, 5)])
+
+
+def test_augmentation_rng_is_keyed_by_seed_step_and_position():
+    """Sample j of step s is augmented with default_rng(key_seed(seed, 'aug', s, j)): not one
+    augmentation per batch, nor the same ones every step."""
+    data = [dict(x=torch.tensor(i)) for i in range(10)]
+    cfg = dict(batch_size=4, seed=3, num_workers=0, device='cpu')
+    it = common.train_batches(data, cfg, 0, lambda s, rng: dict(s, u=torch.tensor(rng.random(), dtype=torch.float64)))
+    for step in range(3):
+        u = next(it)['u'].tolist()
+        assert u == [np.random.default_rng(common.key_seed(3, 'aug', step, j)).random() for j in range(4)]
+        assert len(set(u)) == 4
+
+
+
+
+def test_a_checkpoint_with_weights_the_model_does_not_have_is_refused(tmp_path):
+    """Weights of another network are an error, not silently dropped."""
+    path = str(tmp_path / 'ckpt.pt')
+    common.save(path, Tiny(dict(k=1)))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt['model']['head.weight'] = torch.zeros(2, 3)
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"does not match .*unexpected \['head.weight'\]"):
+        common.load(path, Tiny)

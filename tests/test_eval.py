@@ -508,3 +508,219 @@ def test_a_multi_class_model_keeps_the_categories_it_was_trained_on(tmp_path):
     Image.fromarray(test.images[0].numpy().transpose(1, 2, 0)).save(img)
     with mock.patch.object(common, 'categories', side_effect=AssertionError('the dataset was listed')):
         E.predict(os.path.join(out, 'ckpt.pt'), str(img), str(tmp_path / 'h.png'), category='grain')
+
+# -----------------------------------------------------------------------------
+# the protocol's numbers, each pinned against a hand computation
+
+
+class FnModel(torch.nn.Module):
+    """A stand-in method: predict is a given function of the batch."""
+
+    def __init__(self, fn, **cfg):
+        super().__init__()
+        self.register_buffer('dummy', torch.zeros(1))
+        self.cfg = dict(dict(method='fn_model', data='synthetic', category='all', preset='-', seed=0,
+                             batch_size=4, eval_size=4), **cfg)
+        self.fn = fn
+
+    def predict(self, batch):
+        return self.fn(batch)
+
+
+def dataset(cats, size=4, msize=None):
+    """cats: {name: [(image value array (size,size) or scalar, label, mask (msize,msize) or None), ...]}."""
+    msize = msize or size
+    images, masks, labels, cls, paths = [], [], [], [], []
+    for ci, (cat, items) in enumerate(cats.items()):
+        for j, (value, label, mask) in enumerate(items):
+            images.append(np.broadcast_to(np.asarray(value, np.uint8), (3, size, size)))
+            masks.append(np.zeros((1, msize, msize), np.uint8) if mask is None else np.asarray(mask, np.uint8)[None])
+            labels.append(label)
+            cls.append(ci)
+            paths.append(f'{cat}/test/{"bad" if label else "good"}/{j:03d}.png')
+    return common.ADDataset(np.stack(images), np.stack(masks), np.array(labels), np.array(cls), paths, list(cats),
+                            {c: any(m is not None for _, _, m in items) for c, items in cats.items()})
+
+
+def channel0(batch):
+    m = batch['image'][:, 0]
+    return dict(map=m, score=m.flatten(1).amax(1), nfe={})
+
+
+# -----------------------------------------------------------------------------
+# eval.py: _infer, evaluate, merge
+
+
+def test_maps_are_resized_bilinearly_without_align_corners():
+    """A 2x2 map [0, 1] per row at eval_size 4 is, by the half-pixel rule with edge clamping,
+    [0, 1/4, 3/4, 1] per row (align_corners: thirds; nearest: 0 0 1 1)."""
+    img = np.zeros((2, 2), np.uint8)
+    img[:, 1] = 255
+    outs = E._infer(FnModel(channel0), dataset({'a': [(img, 0, None)]}, size=2), 4, 4, dict(s=0.0, n=0, nfe={}))
+    np.testing.assert_allclose(outs['map'][0], np.tile([0, 0.25, 0.75, 1], (4, 1)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')   # undefined metrics of toy data
+def test_ms_per_image_excludes_the_warm_up_and_is_per_image():
+    """Predict costs 20 ms per image, and its
+    first call (the warm-up) 400 ms more; two categories share one warm-up. ms_per_image must be
+    20 ms, not 20 + 400/8 (warm-up timed or skipped) nor 80 (per batch of 4)."""
+    calls = []
+
+    def slow(batch):
+        calls.append(len(batch['path']))
+        time.sleep(0.02 * len(batch['path']) + (0.4 if len(calls) == 1 else 0))
+        return channel0(batch)
+    items = [(0, 0, None), (0, 0, None), (255, 1, None), (255, 1, None)]
+    r = E.evaluate(FnModel(slow, batch_size=4), dataset({'a': items, 'b': items}), quiet=True)
+    assert calls == [4, 4, 4]                              # one warm-up per evaluation, then one call per batch
+    assert 20 <= r['ms_per_image'] < 45                   # (timed: 70; per batch: 80; sleep may overshoot)
+
+
+def three_categories():
+    mask = np.zeros((4, 4), np.uint8)
+    mask[1:3, 1:3] = 1
+    bright = mask * 255
+    good, bad = (0, 0, None), (bright, 1, mask)
+    flipped = [(255, 0, None), (100 * mask, 1, mask)]       # the normal image scores higher: AUROC 0
+    return {'a': [good, bad], 'b': [good, bad, good], 'c': flipped}
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')   # undefined metrics of toy data
+def test_the_mean_row_is_the_mean_over_categories():
+    """Image AUROC is 1, 1 and 0 in the three categories: the mean row says 2/3
+    (a median would say 1), and every key of the mean row is the plain mean of the category rows."""
+    r = E.evaluate(FnModel(channel0), dataset(three_categories()), quiet=True)
+    m = r['metrics']
+    assert [m[c]['image_auroc'] for c in 'abc'] == [1.0, 1.0, 0.0]
+    assert m['mean']['image_auroc'] == pytest.approx(2 / 3, abs=1e-12)
+    for k in common.METRICS + ('mad',):
+        assert m['mean'][k] == pytest.approx(np.mean([m[c][k] for c in 'abc']), abs=1e-12), k
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')   # undefined metrics of toy data
+def test_a_category_with_an_undefined_metric_makes_the_mean_undefined():
+    """A category without anomalies has NaN image metrics; the mean row must be NaN,
+    not the mean of the other categories."""
+    cats = {'a': three_categories()['a'], 'normal_only': [(0, 0, None), (10, 0, None)]}
+    r = E.evaluate(FnModel(channel0), dataset(cats), quiet=True)
+    assert r['metrics']['a']['image_auroc'] == 1.0 and np.isnan(r['metrics']['normal_only']['image_auroc'])
+    assert np.isnan(r['metrics']['mean']['image_auroc']) and np.isnan(r['metrics']['mean']['mad'])
+
+
+def test_merge_means_categories_means_ms_and_sums_training_time():
+    """An 'each' run's summary: two runs over categories {a} and {b, c}, image AUROC 0.9, 0.6, 0.0
+    -> mean 0.5 over the categories (not the median 0.6, nor with the runs' own mean rows); ms/image
+    the mean, training time the sum."""
+    def run(values, ms, seconds):
+        metrics = {c: {k: v for k in common.METRICS + ('mad',)} for c, v in values.items()}
+        metrics['mean'] = {k: 0.0 for k in common.METRICS + ('mad',)}
+        return dict(method='m', config=dict(category='x'), metrics=metrics, extra={c: {} for c in values},
+                    ms_per_image=ms, train_seconds=seconds)
+    r = E.merge([run({'a': 0.9}, 10.0, 100.0), run({'b': 0.6, 'c': 0.0}, 20.0, 200.0)], 'each')
+    assert set(r['metrics']) == {'a', 'b', 'c', 'mean'} and r['category'] == r['config']['category'] == 'each'
+    assert r['metrics']['mean']['image_auroc'] == pytest.approx(0.5, abs=1e-12)
+    assert r['ms_per_image'] == 15.0 and r['train_seconds'] == 300.0
+
+
+# -----------------------------------------------------------------------------
+# eval.py: the baselines
+
+
+def _train_set(values_per_cat, size=32):
+    """{cat: [uint8 value or (3,size,size) array per normal training image]}."""
+    images, cls = [], []
+    for ci, values in enumerate(values_per_cat.values()):
+        for v in values:
+            images.append(np.broadcast_to(np.asarray(v, np.uint8), (3, size, size)))
+            cls.append(ci)
+    n = len(images)
+    return common.ADDataset(np.stack(images), np.zeros((n, 1, 1, 1), np.uint8), np.zeros(n, int), np.array(cls),
+                            [str(i) for i in range(n)], list(values_per_cat), {c: False for c in values_per_cat})
+
+
+def test_zscore_baseline_divides_by_the_sample_std_plus_0_02():
+    """Constant images,
+    so the blur changes nothing and the score is the per-pixel value. Category a trains on 100 and 110
+    (sample std 10/sqrt(2)), b on 100 and 100 (std 0); a test image of 130 scores
+    (25/255) / (10/255/sqrt(2) + 0.02) and (30/255) / 0.02 with 'zscore', 25/255 and 30/255 with 'mean'."""
+    train = _train_set({'a': [100, 110], 'b': [100, 100]})
+    x = dict(image=torch.full((2, 3, 32, 32), 130 / 255), cls=torch.tensor([0, 1]))
+    z = E.Baseline(dict(kind='zscore'), train).predict(x)['score']
+    want = [(25 / 255) / (10 / 255 / np.sqrt(2) + 0.02), (30 / 255) / 0.02]
+    np.testing.assert_allclose(z.numpy(), want, rtol=1e-5)
+    mean = E.Baseline(dict(kind='mean'), train).predict(x)['score']
+    np.testing.assert_allclose(mean.numpy(), [25 / 255, 30 / 255], rtol=1e-5)
+
+
+def test_mean_baseline_is_the_channel_mean_blurred_at_sigma_2_scored_by_its_max():
+    """One pixel off by 1 in one of
+    three channels: the map is 1/3 times the 2-D Gaussian kernel (sigma 2, radius 8), whose peak is
+    1/3 * w0^2 with w0 = 1 / sum_{|i|<=8} exp(-i^2/8); the map's mass stays 1/3."""
+    train = _train_set({'a': [0, 0]})
+    image = torch.zeros(1, 3, 32, 32)
+    image[0, 1, 16, 16] = 1.0
+    out = E.Baseline(dict(kind='mean'), train).predict(dict(image=image, cls=torch.tensor([0])))
+    w0 = 1 / sum(np.exp(-i ** 2 / 8) for i in range(-8, 9))
+    assert out['score'].item() == pytest.approx(w0 ** 2 / 3, rel=1e-5)
+    assert out['map'][0, 16, 16].item() == pytest.approx(w0 ** 2 / 3, rel=1e-5)
+    assert out['map'].sum().item() == pytest.approx(1 / 3, rel=1e-5)
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')   # undefined metrics of toy data
+def test_baselines_use_the_train_split_and_are_cached_per_eval_size(monkeypatch):
+    """Their statistics come from the training split (train/good minus validation), and a second
+    eval_size is computed anew, not served from the first one's cache."""
+    monkeypatch.setattr(E, '_BASELINES', {})
+    seen = []
+
+    class Recording(E.Baseline):
+        def __init__(self, cfg, train):
+            seen.append((cfg['eval_size'], len(train), sorted({p.split('/')[1] for p in train.paths}),
+                         int(train.labels.sum())))
+            super().__init__(cfg, train)
+    monkeypatch.setattr(E, 'Baseline', Recording)
+    cfg = common.data_defaults(dict(common.BASE_CONFIG, category='weave', eval_size=16))
+    r16 = E.baselines(cfg)
+    r8 = E.baselines(dict(cfg, eval_size=8))
+    assert seen == [(16, 144, ['train'], 0)] * 2 + [(8, 144, ['train'], 0)] * 2   # 160 minus the 10% validation share
+    assert r8['mean']['metrics']['weave'] != r16['mean']['metrics']['weave']
+
+
+# -----------------------------------------------------------------------------
+# eval.py: compare, evaluate_checkpoint
+
+
+def _result(seed, auroc, **kw):
+    mean = {k: 0.5 for k in common.METRICS + ('mad',)}
+    mean['image_auroc'] = auroc
+    return dict(dict(method='no_such_method', data='synthetic', category='weave', preset='tiny', seed=seed,
+                     config=dict(seed=seed, steps=6), protocol=dict(mask_rule=common.MASK_RULE),
+                     metrics=dict(weave=mean, mean=mean), versions=dict(cpu='x'), ms_per_image=1.0,
+                     params=dict(total=1), train_seconds=60.0, nfe={}), **kw)
+
+
+def test_compare_prints_mean_and_population_std_over_seeds(tmp_path, capsys):
+    """I-AUROC 0.5 and 0.7 over two seeds is
+    60.0 +- 10.0 (population std; the sample std would be 14.1)."""
+    for seed, auroc in ((0, 0.5), (1, 0.7)):
+        os.makedirs(tmp_path / f's{seed}')
+        json.dump(_result(seed, auroc), open(tmp_path / f's{seed}' / 'results.json', 'w'))
+    rows = E.compare(str(tmp_path))
+    assert list(rows) == [('no_such_method', 'synthetic', 'weave', 'tiny')]
+    line = capsys.readouterr().out.splitlines()[1]
+    assert '   60.0+-10.0' in line and '   50.0+-0.0 ' in line
+
+
+def test_a_re_evaluated_checkpoint_reports_its_training_time(tmp_path, monkeypatch):
+    """eval.py CKPT reports the training time saved in the checkpoint (not NaN)."""
+    import toy_method
+    monkeypatch.setattr(E, 'baselines', lambda cfg: {})
+    out = str(tmp_path / 'run')
+    toy_method.main(['--out_dir', out, '--category', 'weave', '--steps', '1', '--eval_size', '32'])
+    r = E.main([out, '--out_dir', str(tmp_path / 'again')])
+    seconds = common.read_checkpoint(out)['train_seconds']
+    assert seconds > 0 and r['train_seconds'] == seconds
+    assert json.load(open(tmp_path / 'again' / 'results.json'))['train_seconds'] == seconds
+
+
