@@ -786,14 +786,10 @@ def test_16_bit_images_are_scaled_by_257(tmp_path):
     assert (common._read(str(tmp_path / 'deep.png'), 4) == 200).all()
 
 
-
-
 def _folder(root, n_train=10):
     for i in range(n_train):
-        os.makedirs(f'{root}/part/train/good', exist_ok=True)
-        Image.new('RGB', (8, 8), (i, i, i)).save(f'{root}/part/train/good/{i:03d}.png')
-    os.makedirs(f'{root}/part/test/good')
-    Image.new('RGB', (8, 8)).save(f'{root}/part/test/good/000.png')
+        _img(f'{root}/part/train/good/{i:03d}.png', size=(8, 8), value=i)
+    _img(f'{root}/part/test/good/000.png', size=(8, 8))
     return root
 
 
@@ -817,22 +813,18 @@ def test_the_validation_split_is_a_seeded_share_of_train_good(tmp_path):
 def test_masks_are_matched_to_their_image_stem_only(tmp_path):
     """000.png must not also take 0001_mask.png."""
     root = tmp_path / 'd'
+    os.makedirs(root / 'part' / 'ground_truth' / 'crack')
     for stem, rows in (('000', slice(0, 2)), ('0001', slice(4, 6))):
-        os.makedirs(root / 'part' / 'test' / 'crack', exist_ok=True)
-        os.makedirs(root / 'part' / 'ground_truth' / 'crack', exist_ok=True)
-        Image.new('RGB', (8, 8)).save(root / 'part' / 'test' / 'crack' / f'{stem}.png')
+        _img(f'{root}/part/test/crack/{stem}.png', size=(8, 8))
         m = np.zeros((8, 8), np.uint8)
         m[rows] = 255
-        Image.fromarray(m).save(root / 'part' / 'ground_truth' / 'crack' / f'{stem}_mask.png')
-    os.makedirs(root / 'part' / 'train' / 'good')
-    Image.new('RGB', (8, 8)).save(root / 'part' / 'train' / 'good' / '000.png')
+        Image.fromarray(m).save(f'{root}/part/ground_truth/crack/{stem}_mask.png')
+    _img(f'{root}/part/train/good/000.png', size=(8, 8))
     test = common.load_dataset(dict(data='folder', data_root=str(root), category='part', image_size=8,
                                     eval_size=8, seed=0, val_frac=0.0), 'test')
     assert test.paths == [os.path.join('part', 'test', 'crack', f) for f in ('000.png', '0001.png')]
     assert test.masks[0, 0, 0:2].all() and test.masks[0].sum() == 16
     assert test.masks[1, 0, 4:6].all() and test.masks[1].sum() == 16
-
-
 
 
 def test_batch_order_is_the_seeded_per_epoch_permutations_concatenated():
@@ -858,8 +850,6 @@ def test_augmentation_rng_is_keyed_by_seed_step_and_position():
         u = next(it)['u'].tolist()
         assert u == [np.random.default_rng(common.key_seed(3, 'aug', step, j)).random() for j in range(4)]
         assert len(set(u)) == 4
-
-
 
 
 def test_a_checkpoint_with_weights_the_model_does_not_have_is_refused(tmp_path):

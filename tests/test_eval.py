@@ -627,24 +627,12 @@ def test_merge_means_categories_means_ms_and_sums_training_time():
 # eval.py: the baselines
 
 
-def _train_set(values_per_cat, size=32):
-    """{cat: [uint8 value or (3,size,size) array per normal training image]}."""
-    images, cls = [], []
-    for ci, values in enumerate(values_per_cat.values()):
-        for v in values:
-            images.append(np.broadcast_to(np.asarray(v, np.uint8), (3, size, size)))
-            cls.append(ci)
-    n = len(images)
-    return common.ADDataset(np.stack(images), np.zeros((n, 1, 1, 1), np.uint8), np.zeros(n, int), np.array(cls),
-                            [str(i) for i in range(n)], list(values_per_cat), {c: False for c in values_per_cat})
-
-
 def test_zscore_baseline_divides_by_the_sample_std_plus_0_02():
     """Constant images,
     so the blur changes nothing and the score is the per-pixel value. Category a trains on 100 and 110
     (sample std 10/sqrt(2)), b on 100 and 100 (std 0); a test image of 130 scores
     (25/255) / (10/255/sqrt(2) + 0.02) and (30/255) / 0.02 with 'zscore', 25/255 and 30/255 with 'mean'."""
-    train = _train_set({'a': [100, 110], 'b': [100, 100]})
+    train = dataset({'a': [(100, 0, None), (110, 0, None)], 'b': [(100, 0, None)] * 2}, size=32)   # normal images
     x = dict(image=torch.full((2, 3, 32, 32), 130 / 255), cls=torch.tensor([0, 1]))
     z = E.Baseline(dict(kind='zscore'), train).predict(x)['score']
     want = [(25 / 255) / (10 / 255 / np.sqrt(2) + 0.02), (30 / 255) / 0.02]
@@ -657,7 +645,7 @@ def test_mean_baseline_is_the_channel_mean_blurred_at_sigma_2_scored_by_its_max(
     """One pixel off by 1 in one of
     three channels: the map is 1/3 times the 2-D Gaussian kernel (sigma 2, radius 8), whose peak is
     1/3 * w0^2 with w0 = 1 / sum_{|i|<=8} exp(-i^2/8); the map's mass stays 1/3."""
-    train = _train_set({'a': [0, 0]})
+    train = dataset({'a': [(0, 0, None)] * 2}, size=32)
     image = torch.zeros(1, 3, 32, 32)
     image[0, 1, 16, 16] = 1.0
     out = E.Baseline(dict(kind='mean'), train).predict(dict(image=image, cls=torch.tensor([0])))
