@@ -1,6 +1,7 @@
 """DeCo-Diff: schedule, masked forward process (Eq. 7, 11), deviation correction (Eq. 13-14),
 anomaly map (Eq. 15), the diffusers-compatible VAE, checkpoints, exact resume across both stages."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import decodiff as d
@@ -410,7 +412,7 @@ def test_corrector_loss_by_hand():
         a = model.abar[t].view(-1, 1, 1, 1)
         zt = m * z0 + (1 - m) * (a.sqrt() * z0 + (1 - a).sqrt() * noise)
         eta = (1 - m) * (noise - (1 - a.sqrt()) / (1 - a).sqrt() * z0)
-        want = torch.nn.functional.mse_loss(model.unet(zt, t, batch['cls']), eta)
+        want = F.mse_loss(model.unet(zt, t, batch['cls']), eta)
     assert (1 - gauss).mean() < 0.3
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
@@ -423,3 +425,56 @@ def test_score_is_the_max_of_the_map():
                              cls=torch.zeros(2, dtype=torch.long), path=['a', 'b']))
     assert out['map'].flatten(1).amax(1).min() > 0
     torch.testing.assert_close(out['score'], out['map'].flatten(1).amax(1))
+
+
+def test_lr_warmup_then_cosine_closed_form():
+    """lr (step + 1) / warmup during warm-up (lr at step warmup - 1), then cosine from lr at step warmup
+    to min_lr at step `steps` (half-way at the middle)."""
+    lr, min_lr, steps, warmup = 1e-3, 1e-4, 100, 10
+    assert math.isclose(d.lr_at(0, steps, lr, min_lr, warmup), lr / warmup, rel_tol=1e-12)
+    assert math.isclose(d.lr_at(4, steps, lr, min_lr, warmup), lr * 5 / warmup, rel_tol=1e-12)
+    assert math.isclose(d.lr_at(warmup - 1, steps, lr, min_lr, warmup), lr, rel_tol=1e-12)
+    assert math.isclose(d.lr_at(warmup, steps, lr, min_lr, warmup), lr, rel_tol=1e-12)
+    assert math.isclose(d.lr_at(55, steps, lr, min_lr, warmup), (lr + min_lr) / 2, rel_tol=1e-12)
+    assert math.isclose(d.lr_at(steps, steps, lr, min_lr, warmup), min_lr, rel_tol=1e-12)
+    assert math.isclose(d.lr_at(0, steps, lr, 0.0, 0), lr, rel_tol=1e-12)          # no warm-up
+
+
+def test_stage_schedules(tmp_path, monkeypatch):
+    """The small AE trains with 50 warm-up steps and a cosine to 0 at ae_lr; the corrector with
+    (steps, lr, min_lr, warmup_steps)."""
+    calls = []
+    monkeypatch.setattr(d, 'fit', lambda *a, **k: calls.append((a[1], a[7])))
+    model, _ = d.train(small_cfg(tmp_path))
+    cfg = model.cfg
+    assert calls == [('ae', (cfg['ae_steps'], cfg['ae_lr'], 0.0, 50)),
+                     ('diffusion', (cfg['steps'], cfg['lr'], cfg['min_lr'], cfg['warmup_steps']))]
+
+
+def test_latent_term_blur_scales_with_the_latent_grid():
+    """sigma_lat is in latent pixels of a 32x32 latent: at a 16x16 latent (64 px, f4) it is sigma_lat / 2,
+    applied before the bilinear upsampling."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(1, 3, 64, 64, generator=g)
+    z0, z_rec = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    model = tiny_model(sigma_pix=0.0, sigma_lat=1.0, sigma_map=0.0)
+    raw = (z_rec - z0).abs().mean(1, keepdim=True).clamp(max=0.4) / 0.4
+    want = F.interpolate(common.gaussian_blur(raw, 0.5), size=(64, 64), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(model.anomaly_map(x0 + 0.1, x0, z_rec, z0)[2], want[:, 0], atol=1e-6, rtol=0)
+
+
+def test_extra_scores_are_the_maxima_of_each_term():
+    """predict's scores: pixel = max of the Eq. 15 pixel term, latent = max of the latent term."""
+    torch.manual_seed(0)
+    model = tiny_model(image_size=32)
+    torch.nn.init.normal_(model.unet.out[-1].weight, std=0.05)
+    batch = dict(image=torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                 cls=torch.zeros(2, dtype=torch.long), path=['a', 'b'])
+    out = model.predict(batch)
+    with torch.no_grad():
+        z0 = model.encode(batch['image'])[0]
+        z_rec = model.correct(z0, batch['cls'])
+        _, d_pix, d_lat = model.anomaly_map(model.decode(z_rec), model.decode(z0), z_rec, z0)
+    assert not torch.allclose(d_pix.flatten(1).amax(1), d_lat.flatten(1).amax(1))
+    torch.testing.assert_close(out['scores']['pixel'], d_pix.flatten(1).amax(1))
+    torch.testing.assert_close(out['scores']['latent'], d_lat.flatten(1).amax(1))

@@ -327,3 +327,69 @@ def test_segmentation_loss_alone_trains_the_unet(tmp_path):
     loss = d.noise_loss(e_s, e_b, eps_s, eps_b, torch.ones(4, dtype=torch.long)) + d.mask_loss(logits, mask, 5.0)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.unet.parameters())
+
+
+def test_anneal_is_one_cosine_over_exactly_the_run():
+    """--anneal: both LRs are base * (1 + cos(pi step / steps)) / 2: half at steps / 2."""
+    cfg = dict(d.config, anneal=True)
+    for steps in (10, 1900):
+        for step in (0, steps // 4, steps // 2, steps - 1):
+            c = (1 + math.cos(math.pi * step / steps)) / 2
+            lr, lr_seg = d.learning_rates(cfg, step, steps)
+            assert abs(lr - cfg['lr'] * c) < 1e-15 and abs(lr_seg - cfg['lr_seg'] * c) < 1e-15
+        assert d.learning_rates(cfg, steps // 2, steps) == (cfg['lr'] / 2, cfg['lr_seg'] / 2)
+
+
+def test_top_k_rounds_the_area_scaled_k(tmp_path):
+    """K = round(top_k * H * W / 256^2): top_k 100 at 32 px gives 1.5625 -> 2 (not 1)."""
+    model = tiny_model(tmp_path, top_k=100)
+    out = model.predict(images(3))
+    top2 = out['map'].flatten(1).sort(1, descending=True).values[:, :2].mean(1)
+    assert (out['map'].flatten(1).amax(1) - top2).min() > 0        # a case where K matters
+    torch.testing.assert_close(out['score'], top2)
+
+
+def test_training_loop_uses_the_lr_of_each_step(tmp_path, monkeypatch):
+    """train() sets learning_rates(cfg, step, steps) on both optimisers before step `step`."""
+    seen, step_fn = [], d.train_step
+
+    def spy(net, model, opts, batch, cfg, step):
+        seen.append((step, opts[0].param_groups[0]['lr'], opts[1].param_groups[0]['lr']))
+        return step_fn(net, model, opts, batch, cfg, step)
+    monkeypatch.setattr(d, 'train_step', spy)
+    d.train(tiny_cfg(tmp_path, '--steps', '3', '--anneal'))
+    cfg = tiny_cfg(tmp_path, '--steps', '3', '--anneal')
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    for step, lr, lr_seg in seen:
+        assert (lr, lr_seg) == d.learning_rates(cfg, step, 3)
+    assert seen[0][1:] == (cfg['lr'], cfg['lr_seg'])                # the first step at the full LR
+
+
+def test_foreground_reference_colour_is_the_border_median():
+    """An object touching 3/8 of the border must not shift the background colour (a mean would:
+    then every pixel differs from it by > thresh and the mask is the whole image)."""
+    x = torch.full((3, 32, 32), 0.2)
+    x[:, :12, :] = 0.9                                              # object along the top edge
+    fg = d.foreground(x)                                            # (closing erodes the image edge)
+    assert (fg[16:] == 0).all() and (fg[3:9, 3:29] == 1).all()
+
+
+def test_foreground_fills_enclosed_holes():
+    """A closed ring: the estimate is the filled disc, hole included."""
+    yy, xx = np.mgrid[:32, :32]
+    r = np.hypot(yy - 15.5, xx - 15.5)
+    x = torch.full((3, 32, 32), 0.3)
+    x[:, torch.from_numpy((r >= 5) & (r <= 10))] = 0.8
+    fg = d.foreground(x)
+    assert fg[16, 16] == 1 and np.array_equal(fg, (r <= 10).astype(np.float32))
+
+
+def test_input_range_maps_images_to_the_unets_range(tmp_path):
+    """pm1 (the tiny preset's): the U-Net and the segmentation net get 2x - 1; 01: x itself."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for rng, want in (('pm1', 2 * x - 1), ('01', x)):
+        model, seen = tiny_model(tmp_path, input_range=rng), []
+        assert model.cfg['input_range'] == rng
+        model.seg.register_forward_hook(lambda m, args, out: seen.append(args[0][:, :3]))
+        model.predict(dict(image=x, cls=torch.zeros(2, dtype=torch.long), path=['a', 'b']))
+        torch.testing.assert_close(seen[0], want)

@@ -3,6 +3,7 @@ normalisations, BatchNorm recalibration, save/load in a fresh process, exact res
 CPU, offline, seeded; a tiny model (the weight-free pixels backbone, 32 px images, a 4x4 feature grid)
 keeps the file fast; the EfficientNet-B4 features themselves are checked in the BatchNorm test."""
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -345,3 +346,82 @@ def test_map_is_the_bilinearly_upsampled_norm_map(tmp_path):
         norm = ia.latent_scores(model.invert(model.features(image), model.cfg['S']))[2]
     want = F.interpolate(norm[:, None], size=(32, 32), mode='bilinear', align_corners=False)[:, 0]
     torch.testing.assert_close(out['map'], want, atol=1e-5, rtol=1e-5)
+
+
+def test_lr_warmup_then_cosine_closed_form(tmp_path):
+    """init_lr at step 0, linear to lr at step `warmup`, then cosine to min_lr reached at step `total`;
+    train_step sets lr_at(step) before its update."""
+    cfg = dict(ia.config, init_lr=1e-6, lr=5e-5, min_lr=1e-6)
+    total, warmup = 100, 20
+    assert ia.lr_at(0, total, warmup, cfg) == cfg['init_lr']
+    assert math.isclose(ia.lr_at(5, total, warmup, cfg), 1e-6 + (5e-5 - 1e-6) * 5 / 20, rel_tol=1e-12)
+    assert math.isclose(ia.lr_at(10, total, warmup, cfg), (1e-6 + 5e-5) / 2, rel_tol=1e-12)
+    assert math.isclose(ia.lr_at(warmup, total, warmup, cfg), cfg['lr'], rel_tol=1e-12)
+    assert math.isclose(ia.lr_at(60, total, warmup, cfg), (5e-5 + 1e-6) / 2, rel_tol=1e-12)   # cosine mid-way
+    assert math.isclose(ia.lr_at(total, total, warmup, cfg), cfg['min_lr'], rel_tol=1e-12)
+    p = (99 - warmup) / (total - warmup)
+    assert math.isclose(ia.lr_at(99, total, warmup, cfg), 1e-6 + 0.5 * (5e-5 - 1e-6) * (1 + math.cos(math.pi * p)),
+                        rel_tol=1e-12)
+    model = random_output_model(tmp_path)
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=1.0)
+    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    ia.train_step(model, model.unet, opt, copy.deepcopy(model.unet), z0, 7, total, warmup, str(tmp_path / 'c.pt'))
+    assert opt.param_groups[0]['lr'] == ia.lr_at(7, total, warmup, model.cfg)
+
+
+def test_train_step_clips_the_gradient_norm(tmp_path):
+    """The update uses the U-Net gradient clipped to norm grad_clip (here far below its raw norm)."""
+    model = random_output_model(tmp_path)
+    model.cfg['grad_clip'] = 1e-3
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-3)
+    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    ia.train_step(model, model.unet, opt, copy.deepcopy(model.unet), z0, 0, 100, 0, str(tmp_path / 'c.pt'))
+    norm = torch.cat([p.grad.flatten() for p in model.unet.parameters() if p.grad is not None]).norm()
+    assert abs(norm.item() - 1e-3) < 1e-6
+
+
+def test_timestep_lists_for_every_S():
+    """guided-diffusion's space_timesteps(1000, S) for S = 2..10: float stride accumulation and Python's
+    round (half to even: S=7 has 166 and 832, not 167 and 833)."""
+    want = {2: [0, 999], 3: [0, 500, 999], 4: [0, 333, 666, 999], 5: [0, 250, 500, 749, 999],
+            6: [0, 200, 400, 599, 799, 999], 7: [0, 166, 333, 500, 666, 832, 999],
+            8: [0, 143, 285, 428, 571, 714, 856, 999], 9: [0, 125, 250, 375, 500, 624, 749, 874, 999],
+            10: [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]}
+    assert {S: ia.inversion_timesteps(S) for S in ia.S_RANGE} == want
+
+
+def test_validation_statistics_are_per_S_and_predict_uses_its_row(tmp_path):
+    """calibrate() stores, in row S - 2, min/max of NLL and spatial score after S inversion steps;
+    predict with --S 3 normalises with row 1 (not another S's)."""
+    model = random_output_model(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(6, 3, 32, 32, generator=g)
+    z = model.features(image)
+    model.calibrate(z)
+    for S in (2, 3, 7):
+        nll, sp = ia.latent_scores(model.invert(z, S))[:2]
+        torch.testing.assert_close(model.val_stats[S - 2], torch.stack([nll.min(), nll.max(), sp.min(), sp.max()]))
+    assert not torch.allclose(model.val_stats[0], model.val_stats[1])
+    model.cfg['S'] = 3
+    out = model.predict(dict(image=image[:2], cls=torch.zeros(2, dtype=torch.long), path=['a', 'b']))
+    lo_n, hi_n, lo_s, hi_s = model.val_stats[1]
+    nll, sp = out['scores']['nll'], out['scores']['spatial']
+    torch.testing.assert_close(out['score'], (nll - lo_n) / (hi_n - lo_n + 1e-8) + (sp - lo_s) / (hi_s - lo_s + 1e-8))
+
+
+def test_random_backbone_is_recalibrated_on_imagenet_normalised_training_images(tmp_path):
+    """prepare_backbone without weights: the BatchNorm statistics are those of the seeded shuffle of
+    the training set, ImageNet-normalised, in batches of 64; the backbone ends in eval mode."""
+    cfg = tiny_cfg(tmp_path, '--backbone', 'efficientnet_b4')
+    torch.manual_seed(0)
+    model = ia.Model(cfg)
+    fresh = copy.deepcopy(model.backbone)
+    data = common.load_dataset(model.cfg, 'train')
+    ia.prepare_backbone(model, data, model.cfg)
+    order = torch.randperm(len(data), generator=common.generator(cfg['seed'], 'bn'))
+    x = torch.stack([data[int(i)]['image'] for i in order])
+    common.recalibrate_bn(fresh, [model.normalise(b) for b in x.split(64)])
+    got, want = model.backbone.state_dict(), fresh.state_dict()
+    stats = [k for k in want if k.endswith(('running_mean', 'running_var'))]
+    assert stats and all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in stats)
+    assert not any(m.training for m in model.backbone.modules())

@@ -1,11 +1,15 @@
 """Tests of lasb.py: the I2SB closed forms against their derivations, the sampler with an oracle
 network, the VQ straight-through gradient and codebook restarts, and the training/inference contract
 (save/load in a fresh process, batch-size invariance, exact resume across both stages)."""
+import copy
+import functools
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -374,3 +378,71 @@ def test_latent_scale_gives_unit_std_latents_and_cancels_in_decode(tmp_path):
             pytest.approx(1.0, rel=1e-4)
         torch.testing.assert_close(model.decode(model.encode(x)), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.encode(x), model.scale * model.ae.encoder(2 * x - 1))
+
+
+def test_bridge_lr_steps_down_every_1000_steps(tmp_path, monkeypatch):
+    """I2SB's StepLR(1000): lr * lr_gamma ** (step // 1000); resumed at step 999 to see the step."""
+    cfg = micro_cfg(tmp_path, '--steps', '1002', '--lr', '1e-3', '--lr_gamma', '0.1', '--log_interval', '1')
+    torch.manual_seed(0)
+    model = lasb.Model(cfg).eval()
+    data = common.load_dataset(model.cfg, 'train')
+    opt = torch.optim.AdamW(lasb.UNet(cfg).parameters(), lr=cfg['lr'], weight_decay=0.0)
+    msgs = []
+    monkeypatch.setattr(lasb, 'progress', lambda cfg, stage, step, total, clock, msg: msgs.append((step, msg)) or 0.0)
+    monkeypatch.setattr(common, 'save', lambda *a, **k: None)
+    lasb.train_bridge(model, data, model.cfg, dict(step=999, net=model.unet.state_dict(), opt=opt.state_dict()),
+                      dict(seconds=0.0, start=time.time()))
+    lrs = {step: float(re.search(r'lr (\S+)', msg).group(1)) for step, msg in msgs}
+    assert lrs == {1000: 1e-3, 1001: 1e-4, 1002: 1e-4}             # steps 999, 1000, 1001 (0-based)
+
+
+def test_network_time_table():
+    """The net sees t = linspace(1e-4, 1, T) * T at step n (I2SB network.py): 0.1 at n = 0, T at T-1."""
+    s = paper_bridge()
+    np.testing.assert_allclose(s.t_net.numpy(), np.linspace(1e-4, 1.0, 1000) * 1000, rtol=1e-6)
+    assert abs(s.t_net[0].item() - 0.1) < 1e-6 and s.t_net[-1].item() == 1000.0
+
+
+def test_n_samples_average_and_extra_scores_by_hand(trained):
+    """n_samples = 2: the feature and pixel maps are the MEAN of the two samples' maps (noise keyed by
+    (seed, path, k)); scores['feature'] / ['pixel'] pool each blurred term alone."""
+    model, _, batch = trained
+    cfg0 = model.cfg
+    cfg = model.cfg = dict(cfg0, n_samples=2, pixel_weight=0.5, sigma=2.0, score_pool=(3, 2))
+    try:
+        out = model.predict(batch)
+        x = batch['image']
+        with torch.no_grad():
+            z1, fx, fmap, pmap = model.encode(x), model.features(x), 0, 0
+            for k in range(2):
+                gens = [common.generator(cfg['seed'], p, k) for p in batch['path']]
+                noise = lambda: torch.stack([torch.randn(z1.shape[1:], generator=g) for g in gens])  # noqa: E731
+                xr = model.decode(model.sb.sample(model.eps, z1, cfg['nfe'], noise))
+                fmap = fmap + model.feature_distance(fx, xr) / 2
+                pmap = pmap + (x - xr).abs().mean(1, keepdim=True) / 2
+    finally:
+        model.cfg = cfg0
+    fmap, pmap = common.gaussian_blur(fmap, 2.0), common.gaussian_blur(pmap, 2.0)
+    pool = functools.partial(lasb.image_score, kernel=3, times=2)
+    torch.testing.assert_close(out['map'], (fmap + 0.5 * pmap)[:, 0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(pool(fmap), pool(pmap))
+    torch.testing.assert_close(out['scores']['feature'], pool(fmap), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out['scores']['pixel'], pool(pmap), rtol=1e-5, atol=1e-6)
+
+
+def test_random_backbone_is_recalibrated_on_imagenet_normalised_images(tmp_path):
+    """prepare_backbone without weights: BatchNorm statistics of the seeded shuffle of (up to 1024)
+    training images, ImageNet-normalised, in batches of 64; the backbone ends in eval mode."""
+    torch.manual_seed(0)
+    model = lasb.Model(micro_cfg(tmp_path))
+    fresh = copy.deepcopy(model.backbone)
+    data = common.load_dataset(model.cfg, 'train')
+    record = lasb.prepare_backbone(model, data, model.cfg)
+    assert 'BatchNorm recalibrated' in record['id']
+    idx = torch.randperm(len(data), generator=common.generator(model.cfg['seed'], 'bn'))[:1024]
+    x = data.images[idx].float() / 255
+    common.recalibrate_bn(fresh, [(b - model.mean) / model.std for b in x.split(64)])
+    got, want = model.backbone.state_dict(), fresh.state_dict()
+    stats = [k for k in want if k.endswith(('running_mean', 'running_var'))]
+    assert stats and all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in stats)
+    assert not any(m.training for m in model.backbone.modules())

@@ -452,3 +452,87 @@ def test_the_teacher_is_the_ema(tmp_path):
         omiad.train_amdm(model, model.cfg, None, x0, None, lambda: 0.0)
         unchanged[decay] = all(torch.equal(init[k], v) for k, v in model.teacher.state_dict().items())
     assert unchanged == {0.0: False, 1.0: True}
+
+
+def asd_parts(tmp_path, **kw):
+    torch.manual_seed(0)
+    model = omiad.Model(dict(tiny_cfg(tmp_path), **kw))
+    g, psi = model.generator.requires_grad_(True), copy.deepcopy(model.teacher).requires_grad_(True)
+    opt_g, opt_psi = (torch.optim.Adam(n.parameters(), lr=1e-3, betas=(0.0, 0.999)) for n in (g, psi))
+    return model, g, psi, opt_g, opt_psi
+
+
+def test_psi_only_warmup_then_the_adversarial_term(tmp_path, monkeypatch):
+    """Steps < psi_warmup update psi only; from psi_warmup on the generator too, with the adversarial
+    term from adv_start on (steps counted from 0)."""
+    model, g, psi, opt_g, opt_psi = asd_parts(tmp_path, psi_warmup=2, adv_start=4)
+    seen, update = [], omiad.generator_update
+
+    def spy(model, g, psi, opt_g, x_g, gen, cfg, use_adv):
+        seen.append((step, use_adv))
+        return update(model, g, psi, opt_g, x_g, gen, cfg, use_adv)
+    monkeypatch.setattr(omiad, 'generator_update', spy)
+    x0 = torch.randn(4, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    for step in range(6):
+        g0 = copy.deepcopy(g.state_dict())
+        omiad.asd_step(model, g, psi, opt_g, opt_psi, x0, common.generator(0, step), step)
+        moved = any(not torch.equal(v, g.state_dict()[k]) for k, v in g0.items())
+        assert moved == (step >= 2), step
+    assert seen == [(2, False), (3, False), (4, True), (5, True)]
+
+
+def test_drift_monitor_threshold(tmp_path, monkeypatch):
+    """check_drift returns generator / teacher validation error and stops above drift_max only."""
+    model = omiad.Model(dict(tiny_cfg(tmp_path), drift_max=1.4))
+    monkeypatch.setattr(omiad, 'val_error', lambda *a, **k: 3.0)
+    assert omiad.check_drift(model, None, None, 2.5, 7) == pytest.approx(1.2)
+    with pytest.raises(common.UserError, match=r'validation error is 1\.50x the teacher.*ASD step 7'):
+        omiad.check_drift(model, None, None, 2.0, 7)
+
+
+def test_asd_optimisers_are_sids_adam(run):
+    """Generator and student score: Adam at asd_lr with betas (0, 0.999) (SiD), as saved in stage 2."""
+    model, _, saved = run
+    ckpt = common.read_checkpoint(next(p for p in saved if p.endswith('stage2_step0')))
+    for key in ('opt_g', 'opt_psi'):
+        group = ckpt[key]['param_groups'][0]
+        assert group['lr'] == model.cfg['asd_lr'] and tuple(group['betas']) == (0.0, 0.999), key
+
+
+def test_psi_gradients_are_value_clipped(tmp_path):
+    """psi_update leaves psi's gradients clipped elementwise to +-psi_clip (SiDA)."""
+    model, g, psi, _, opt_psi = asd_parts(tmp_path, psi_clip=1e-4)
+    x0 = torch.randn(4, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_g = model.generate(g, x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), 400).detach()
+    omiad.psi_update(model, psi, opt_psi, x0, x_g, common.generator(0, 1), model.cfg)
+    grads = torch.cat([p.grad.flatten() for p in psi.parameters() if p.grad is not None])
+    assert grads.abs().max().item() == pytest.approx(1e-4)
+
+
+def test_teacher_gradient_norm_is_clipped(tmp_path):
+    """Stage 1 clips the teacher's gradient norm to grad_clip: at 1e-12 Adam's first step is ~1e-4 lr
+    (eps dominates), at 1.0 it is ~lr (ema_decay 0: the teacher is the trained net)."""
+    x0 = torch.randn(8, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for clip in (1e-12, 1.0):
+        torch.manual_seed(0)
+        model = omiad.Model(tiny_cfg(tmp_path / str(clip), '--amdm_steps', '1', '--ema_decay', '0',
+                                     '--grad_clip', str(clip)))
+        init = copy.deepcopy(model.teacher.state_dict())
+        omiad.train_amdm(model, model.cfg, None, x0, None, lambda: 0.0)
+        moved[clip] = max((v - init[k]).abs().max().item() for k, v in model.teacher.state_dict().items())
+    lr = omiad.config['amdm_lr']
+    assert moved[1e-12] < 1e-3 * lr and moved[1.0] > 0.5 * lr
+
+
+def test_t_init_is_an_inference_key(run, tmp_path):
+    """eval.py --t_init: loading with the override changes the noise level predict uses."""
+    model, out, _ = run
+    path = str(out / 'ckpt.pt')
+    other, _ = common.load(path, omiad.Model, overrides={'t_init': 200})
+    assert other.cfg['t_init'] == 200
+    b = batch(2)
+    want = copy.deepcopy(model)
+    want.cfg = dict(model.cfg, t_init=200)
+    torch.testing.assert_close(other.predict(b)['map'], want.predict(b)['map'])
+    assert not torch.allclose(other.predict(b)['map'], model.predict(b)['map'])
