@@ -334,7 +334,7 @@ def test_the_unet_sees_exactly_the_inversion_timesteps(tmp_path):
 def test_imagenet_normalisation_is_rgb(tmp_path):
     """Invisible to the tiny preset's per-image standardised pixels; EfficientNet sees these values."""
     x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
     torch.testing.assert_close(ia.Model(tiny_cfg(tmp_path)).normalise(x), (x - mean) / std)
 
 
