@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 import diffusionad as d
@@ -393,3 +394,101 @@ def test_input_range_maps_images_to_the_unets_range(tmp_path):
         model.seg.register_forward_hook(lambda m, args, out: seen.append(args[0][:, :3]))
         model.predict(dict(image=x, cls=torch.zeros(2, dtype=torch.long), path=['a', 'b']))
         torch.testing.assert_close(seen[0], want)
+
+
+def _randomise(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    return module
+
+
+def test_timestep_embedding_is_sin_then_cos_with_max_period_10000():
+    """[sin(t f_i), cos(t f_i)], f_i = 10000^(-i/half), raw integer t."""
+    t, dim = torch.tensor([0, 1, 37, 999]), 8
+    e = d.timestep_embedding(t, dim)
+    ref = torch.tensor([[math.sin(v * 10000 ** (-i / 4)) for i in range(4)] +
+                        [math.cos(v * 10000 ** (-i / 4)) for i in range(4)] for v in t.tolist()])
+    torch.testing.assert_close(e, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_resblock_forward_by_hand():
+    """GN-SiLU-[resample]-conv1 + Linear(SiLU(temb)), GN-SiLU-conv2, plus the resampled skip."""
+    torch.manual_seed(0)
+    x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    for rs, pool in ((None, lambda v: v), ('down', lambda v: F.avg_pool2d(v, 2)),
+                     ('up', lambda v: F.interpolate(v, scale_factor=2.0))):
+        blk = _randomise(d.ResBlock(8, 16, 12, rs))
+        h = blk.conv1(pool(F.silu(blk.norm1(x)))) + blk.emb(F.silu(temb))[:, :, None, None]
+        ref = blk.skip(pool(x)) + blk.conv2(F.silu(blk.norm2(h)))
+        torch.testing.assert_close(blk(x, temb), ref)
+        assert not torch.allclose(blk(x, temb), blk(x, temb + 1))          # the timestep reaches the block
+
+
+def test_new_attention_and_resblocks_are_the_identity(tmp_path):
+    """Zero-initialised output projection / last conv: a fresh Attention and same-width ResBlock return x."""
+    unet = tiny_model(tmp_path).unet
+    x = torch.randn(2, 32, 8, 8)
+    att = [m for m in unet.modules() if isinstance(m, d.Attention)]
+    assert att and all(torch.equal(m(x), x) for m in att if m.qkv.in_channels == 32)
+    for m in att:
+        assert not m.proj.weight.any() and not m.proj.bias.any()
+
+
+def test_attention_runs_only_at_the_attention_resolutions(tmp_path):
+    """attn_res=(32,) at 32 px, mults 1,2: down n_res x at 32, mid 1x at 16, up (n_res + 1) x at 32."""
+    model = tiny_model(tmp_path, attn_res=(32,))
+    seen = []
+    for name, m in model.unet.named_modules():
+        if isinstance(m, d.Attention):
+            m.register_forward_hook(lambda m, i, o, name=name: seen.append((name.split('.')[0], i[0].shape[-1])))
+    model.unet(torch.randn(1, 3, 32, 32), torch.tensor([5]))
+    n = model.cfg['num_res_blocks']
+    assert seen == [('down', 32)] * n + [('mid', 16)] + [('up', 32)] * (n + 1)
+
+
+def test_unet_up_blocks_concatenate_the_popped_skips(tmp_path):
+    """Each up unit's input is cat([h, hs.pop()]): its last channels are the matching down activation."""
+    unet = tiny_model(tmp_path).unet
+    hs, ins = [], []
+    unet.inp.register_forward_hook(lambda m, i, o: hs.append(o))
+    for layers in unet.down:
+        layers[-1].register_forward_hook(lambda m, i, o: hs.append(o))
+    for layers in unet.up:
+        layers[0].register_forward_pre_hook(lambda m, i: ins.append(i[0]))
+    unet(torch.randn(2, 3, 32, 32), torch.tensor([3, 400]))
+    assert len(ins) == len(hs)
+    for x, skip in zip(ins, reversed(hs)):
+        torch.testing.assert_close(x[:, -skip.shape[1]:], skip, rtol=0, atol=0)
+
+
+def test_segnet_decoder_concatenates_the_encoder_skips():
+    """dec[i] sees cat([up[i](h), enc[i] output])."""
+    torch.manual_seed(0)
+    seg = d.SegNet(4, 3).eval()
+    enc, ins = {}, {}
+    for i, b in enumerate(seg.enc):
+        b.register_forward_hook(lambda m, a, o, i=i: enc.__setitem__(i, o))
+    for i, b in enumerate(seg.dec):
+        b.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0]))
+    seg(torch.randn(2, 6, 16, 16))
+    for i in ins:
+        torch.testing.assert_close(ins[i][:, -enc[i].shape[1]:], enc[i], rtol=0, atol=0)
+
+
+def test_groupnorm_groups():
+    """min(32, c/4) groups: 32 from 128 channels up (ADM)."""
+    assert [d.norm(c).num_groups for c in (16, 64, 128, 256, 512)] == [4, 16, 32, 32, 32]
+
+
+def test_segnet_encoder_max_pools_between_levels():
+    """enc[i] (i > 0) sees max_pool2d(enc[i - 1] output, 2)."""
+    torch.manual_seed(0)
+    seg = d.SegNet(4, 3).eval()
+    out, ins = {}, {}
+    for i, b in enumerate(seg.enc):
+        b.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o))
+        b.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0]))
+    seg(torch.randn(2, 6, 16, 16))
+    for i in (1, 2):
+        torch.testing.assert_close(ins[i], F.max_pool2d(out[i - 1], 2), rtol=0, atol=0)

@@ -425,3 +425,86 @@ def test_random_backbone_is_recalibrated_on_imagenet_normalised_training_images(
     stats = [k for k in want if k.endswith(('running_mean', 'running_var'))]
     assert stats and all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in stats)
     assert not any(m.training for m in model.backbone.modules())
+
+
+def _randomise(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    return module
+
+
+def _unet(**kw):
+    torch.manual_seed(0)
+    a = dict(c_in=48, ch=32, mult=(1, 2), n_res=1, attn_ds=(2,), heads=2)
+    a.update(kw)
+    return ia.UNet(**a)
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    """[cos(t f_i), sin(t f_i)], f_i = 10000^(-i/half)."""
+    t = torch.tensor([0, 1, 250, 999])
+    ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
+                        [math.sin(v * 10000 ** (-i / 4)) for i in range(4)] for v in t.tolist()])
+    torch.testing.assert_close(ia.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_resblock_forward_by_hand():
+    """in_layers(x) + Linear(SiLU(emb)), out_layers, plus the 1x1 skip."""
+    torch.manual_seed(0)
+    blk = _randomise(ia.ResBlock(32, 64, 16))
+    x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    ref = blk.skip(x) + blk.out_layers(blk.in_layers(x) + blk.emb[1](F.silu(emb))[:, :, None, None])
+    torch.testing.assert_close(blk(x, emb), ref)
+    assert not torch.allclose(blk(x, emb), blk(x, emb + 1))
+
+
+def test_attention_runs_only_at_attn_ds():
+    """attn_ds=(1,), mult 1,2, n_res 1 on a 4x4 grid: down 1x at 4, middle at 2, up 2x at 4."""
+    unet, seen = _unet(attn_ds=(1,)), []
+    for name, m in unet.named_modules():
+        if isinstance(m, ia.Attention):
+            m.register_forward_hook(lambda m, i, o, name=name: seen.append((name.split('.')[0], i[0].shape[-1])))
+    unet(torch.randn(1, 48, 4, 4), torch.tensor([7]))
+    assert seen == [('down', 4), ('middle', 2), ('up', 4), ('up', 4)]
+
+
+def test_up_blocks_concatenate_the_popped_skips():
+    """Each up block's input ends with the matching down block's output (hs.pop())."""
+    unet, hs, ins = _unet(), [], []
+    for blk in unet.down:
+        blk[-1].register_forward_hook(lambda m, i, o: hs.append(o))
+    for blk in unet.up:
+        blk[0].register_forward_pre_hook(lambda m, i: ins.append(i[0]))
+    unet(torch.randn(2, 48, 4, 4), torch.tensor([3, 900]))
+    assert len(ins) == len(hs)
+    for x, skip in zip(ins, reversed(hs)):
+        torch.testing.assert_close(x[:, -skip.shape[1]:], skip, rtol=0, atol=0)
+
+
+def test_up_is_nearest_then_conv():
+    torch.manual_seed(0)
+    up, x = ia.Up(8), torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(up(x), up.conv(x.repeat_interleave(2, 2).repeat_interleave(2, 3)))
+
+
+def test_pixels_backbone_resizes_with_antialias(tmp_path):
+    """32 px -> 16 = 4g: bilinear, antialiased, then space-to-depth and per-image standardisation."""
+    model = ia.Model(tiny_cfg(tmp_path))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    small = F.interpolate(model.normalise(x), size=(16, 16), mode='bilinear', antialias=True, align_corners=False)
+    u = F.pixel_unshuffle(small, 4)
+    torch.testing.assert_close(model.features(x), (u - u.mean((2, 3), keepdim=True)) /
+                               (u.std((2, 3), keepdim=True) + 1e-3))
+
+
+def test_efficientnet_features_are_the_stages_in_order():
+    """Channels 0:24 stage 1, 24:56 stage 2, 56:112 stage 3, 112:272 stage 4, each bilinearly resized."""
+    torch.manual_seed(0)
+    model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], backbone='efficientnet_b4', image_size=64,
+                                            feature_size=4, ch=32)))
+    x = torch.rand(2, 3, 64, 64)
+    fs = model.backbone(model.normalise(x))
+    ref = torch.cat([F.interpolate(f, size=(4, 4), mode='bilinear', align_corners=False) for f in fs], 1)
+    torch.testing.assert_close(model.features(x), ref)
+    assert [f.shape[1] for f in fs] == [24, 32, 56, 160]

@@ -446,3 +446,63 @@ def test_random_backbone_is_recalibrated_on_imagenet_normalised_images(tmp_path)
     stats = [k for k in want if k.endswith(('running_mean', 'running_var'))]
     assert stats and all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in stats)
     assert not any(m.training for m in model.backbone.modules())
+
+
+def _randomise(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    return module
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    t = torch.tensor([0.0, 0.5, 3.0, 999.0])
+    ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
+                        [math.sin(v * 10000 ** (-i / 4)) for i in range(4)] for v in t.tolist()])
+    torch.testing.assert_close(lasb.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_shift_resblock_by_hand():
+    """h = norm2(conv1(resample(SiLU(norm1 x)))) * (1 + scale) + shift, (scale, shift) = chunks of
+    Linear(SiLU(emb)); out = skip(resample x) + conv2(SiLU h)."""
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    for rs, res in ((None, lambda v: v), ('down', lambda v: F.avg_pool2d(v, 2)),
+                    ('up', lambda v: F.interpolate(v, scale_factor=2.0, mode='nearest'))):
+        blk = _randomise(lasb.ResBlock(8, 16, 12, rs))
+        h = blk.norm2(blk.conv1(res(F.silu(blk.norm1(x)))))
+        scale, shift = blk.emb(F.silu(emb))[:, :16, None, None], blk.emb(F.silu(emb))[:, 16:, None, None]
+        ref = blk.skip(res(x)) + blk.conv2(F.silu(h * (1 + scale) + shift))
+        torch.testing.assert_close(blk(x, emb), ref)
+
+
+def test_attention_runs_only_at_attn_res(tmp_path):
+    """attn_res=(8,) on the 8x8 latent, ch_mult 1,2: down n_res x at 8, mid at 4, up (n_res + 1) x at 8."""
+    cfg = micro_cfg(tmp_path, '--attn_res', '8')
+    torch.manual_seed(0)
+    net, seen = lasb.UNet(cfg), []
+    for name, m in net.named_modules():
+        if isinstance(m, lasb.Attention):
+            m.register_forward_hook(lambda m, i, o, name=name: seen.append((name.split('.')[0], i[0].shape[-1])))
+    net(torch.randn(1, cfg['embed_dim'], 8, 8), torch.tensor([0.3]))
+    n = cfg['num_res_blocks']
+    assert seen == [('down', 8)] * n + [('mid', 4)] + [('up', 8)] * (n + 1)
+
+
+def test_encoder_downsampling_pads_right_and_bottom_then_stride_2_conv(tmp_path):
+    torch.manual_seed(0)
+    enc = lasb.encoder(8, (1, 2), 1, 3)
+    downs = [m for m in enc if isinstance(m, torch.nn.Sequential)]
+    assert downs
+    x = torch.randn(1, 8, 8, 8)
+    for m in downs:
+        torch.testing.assert_close(m(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), m[1].weight, m[1].bias, stride=2))
+
+
+def test_decode_quantises_to_the_codebook_first(tmp_path):
+    """decode(z) = (decoder(e[nearest code of z / scale]) + 1) / 2, clamped."""
+    torch.manual_seed(0)
+    model = lasb.Model(micro_cfg(tmp_path)).eval()
+    z = torch.randn(2, model.cfg['embed_dim'], 8, 8)
+    e = model.ae.vq.embed[model.ae.vq.codes(z / model.scale)].permute(0, 3, 1, 2)
+    torch.testing.assert_close(model.decode(z), ((model.ae.decoder(e) + 1) / 2).clamp(0, 1))

@@ -2,6 +2,7 @@
 discriminator), the ASD loop, NFE, checkpoints in a fresh process, batch-size invariance and exact
 resume across both stages. CPU, offline, a few seconds of training on 64 px synthetic images."""
 import copy
+import math
 import os
 import shutil
 import subprocess
@@ -536,3 +537,72 @@ def test_t_init_is_an_inference_key(run, tmp_path):
     want.cfg = dict(model.cfg, t_init=200)
     torch.testing.assert_close(other.predict(b)['map'], want.predict(b)['map'])
     assert not torch.allclose(other.predict(b)['map'], model.predict(b)['map'])
+
+
+def _randomise(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    return module
+
+
+def test_timestep_embedding_is_cos_then_sin_with_max_period_10000():
+    t = torch.tensor([0, 1, 400, 999])
+    ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
+                        [math.sin(v * 10000 ** (-i / 4)) for i in range(4)] for v in t.tolist()])
+    torch.testing.assert_close(omiad.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_resblock_forward_by_hand():
+    torch.manual_seed(0)
+    blk = _randomise(omiad.ResBlock(32, 64, 16))
+    x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    ref = blk.skip(x) + blk.out_layers(blk.in_layers(x) + blk.emb[1](F.silu(emb))[:, :, None, None])
+    torch.testing.assert_close(blk(x, emb), ref)
+    assert not torch.allclose(blk(x, emb), blk(x, emb + 1))
+
+
+def test_discriminator_is_the_channel_mean_of_the_last_encoder_activation_of_a_trained_net(tmp_path):
+    """With non-zero residual branches (as after training) disc = forward's d = mean_c of the encoder output."""
+    net = _randomise(omiad.UNet(tiny_cfg(tmp_path, '--ch_mult', '1,2,2'), 48))
+    x, t = torch.randn(2, 48, 8, 8), torch.tensor([0, 700])
+    hs, _ = net.encode(x, t)
+    eps, d = net(x, t, logits=True)
+    torch.testing.assert_close(d, hs[-1].mean(1))
+    torch.testing.assert_close(net.disc(x, t), hs[-1].mean(1))
+
+
+def test_attention_runs_only_at_attn_res(tmp_path):
+    """attn_res=(8,) on an 8x8 grid, mults 1,2: down n_res x at 8, mid at 4, up (n_res + 1) x at 8."""
+    cfg = tiny_cfg(tmp_path, '--ch_mult', '1,2', '--attn_res', '8')
+    net, seen = omiad.UNet(cfg, 48), []
+    for name, m in net.named_modules():
+        if isinstance(m, omiad.Attention):
+            m.register_forward_hook(lambda m, i, o, name=name: seen.append((name.split('.')[0], i[0].shape[-1])))
+    net(torch.randn(1, 48, 8, 8), torch.tensor([9]))
+    n = cfg['num_res_blocks']
+    assert seen == [('down', 8)] * n + [('mid', 4)] + [('up', 8)] * (n + 1)
+
+
+def test_efficientnet_stages_are_resized_with_antialias_and_concatenated_in_order(tmp_path):
+    model = omiad.Model(tiny_cfg(tmp_path, '--backbone', 'efficientnet_b4', '--image_size', '64',
+                                   '--feature_size', '4'))
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fs = model.backbone((image - model.pixel_mean) / model.pixel_std)
+    ref = torch.cat([F.interpolate(f, size=(4, 4), mode='bilinear', antialias=True) for f in fs], 1)
+    torch.testing.assert_close(model.features(image), ref)
+
+
+def test_attention_by_hand_with_contiguous_heads():
+    """q, k, v = thirds of qkv(GN x); head j = channels j*C/h .. (j+1)*C/h of each; softmax(q k^T / sqrt(d)) v."""
+    torch.manual_seed(0)
+    att = _randomise(omiad.Attention(64, 4))
+    x = torch.randn(2, 64, 3, 3)
+    q, k, v = att.qkv(att.norm(x)).flatten(2).chunk(3, 1)                        # (B, C, HW) each
+    heads = []
+    for j in range(4):
+        s = slice(16 * j, 16 * (j + 1))
+        w = torch.softmax(q[:, s].transpose(1, 2) @ k[:, s] / 4.0, -1)          # (B, HW, HW)
+        heads.append((w @ v[:, s].transpose(1, 2)).transpose(1, 2))              # (B, d, HW)
+    ref = x + att.proj(torch.cat(heads, 1).view(2, 64, 3, 3))
+    torch.testing.assert_close(att(x), ref, atol=1e-5, rtol=1e-5)
