@@ -252,12 +252,10 @@ def evaluate_checkpoint(path, argv):
                     ckpt.get('train_seconds', float('nan')), train_versions=ckpt.get('versions'))
 
 
-def compare(root='out', *more):
+def compare(root):
     """One table over every results.json under root: mean +- std (ddof 0) over the seeds of each setting:
     method, data, category, preset, protocol and config (not per-run keys; common.MEASURED_KEYS do count); a
     preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
-    if more:
-        raise UserError(f'--compare takes one folder (got {len(more) + 1}): put the runs under one, e.g. out/')
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_record',
                                                                      'compile', 'log_interval', 'ckpt_interval')
     for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
@@ -428,7 +426,9 @@ def main(argv=None):
     if not argv or argv[0] in ('-h', '--help'):
         print(__doc__)
     elif argv[0] == '--compare':
-        return compare(*argv[1:])
+        if len(argv) > 2:
+            raise UserError(f'--compare takes one folder (got {len(argv) - 1}): put the runs under one, e.g. out/')
+        return compare(argv[1] if len(argv) > 1 else 'out')
     elif argv[0] == '--predict':
         n = next((j for j, a in enumerate(argv) if j and a.startswith('--')), len(argv))   # CKPT IMAGE [OUT], then
         rest, category = argv[1:n], common._parse_argv(argv[n:], {'category': ''}).get('category', '')   # options
