@@ -3,5 +3,21 @@ exact-resume and bit-identity checks assume the CPU (CI has no GPU), `--device a
 the GPU behind their back, and nothing may be downloaded (weights come from files or the cache)."""
 import os
 
+import pytest
+import torch
+
 os.environ['CUDA_VISIBLE_DEVICES'] = ''     # this process and every torchrun / subprocess it starts
 os.environ['HF_HUB_OFFLINE'] = '1'          # timm / huggingface_hub: the cache only
+
+
+@pytest.fixture
+def randomise():
+    """randomise(module, seed=0): every parameter drawn from N(0, 0.2^2), seeded. A fresh network's
+    zero-initialised output convs make its residual blocks the identity, which hides their wiring."""
+    def draw(module, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        return module
+    return draw

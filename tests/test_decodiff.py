@@ -480,13 +480,6 @@ def test_extra_scores_are_the_maxima_of_each_term():
     torch.testing.assert_close(out['scores']['latent'], d_lat.flatten(1).amax(1))
 
 
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
-    return module
-
-
 def test_timestep_embedding_is_cos_then_sin_with_period_10000():
     t = torch.tensor([0, 1, 123, 999])
     ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
@@ -494,19 +487,19 @@ def test_timestep_embedding_is_cos_then_sin_with_period_10000():
     torch.testing.assert_close(d.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_resblock_forward_by_hand():
+def test_resblock_forward_by_hand(randomise):
     torch.manual_seed(0)
-    blk = _randomise(d.ResBlock(16, 32, 8, 0.0)).eval()
+    blk = randomise(d.ResBlock(16, 32, 8, 0.0)).eval()
     x, emb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
     ref = blk.skip(x) + blk.out_layers(blk.in_layers(x) + blk.emb_layers[1](F.silu(emb))[:, :, None, None])
     torch.testing.assert_close(blk(x, emb), ref)
     assert not torch.allclose(blk(x, emb), blk(x, emb + 1))
 
 
-def test_class_conditioning_cross_attends_to_the_class_embedding():
+def test_class_conditioning_cross_attends_to_the_class_embedding(randomise):
     """class_cond: every attn2 gets context = class_embed(cls)[:, None], and the class changes the output."""
     torch.manual_seed(0)
-    unet = _randomise(tiny_model(class_cond=True).unet).eval()
+    unet = randomise(tiny_model(class_cond=True).unet).eval()
     cls, ctx = torch.tensor([1, 3]), []
     for m in unet.modules():
         if isinstance(m, d.Transformer):
@@ -517,15 +510,19 @@ def test_class_conditioning_cross_attends_to_the_class_embedding():
     assert not torch.allclose(out, unet(z, t, torch.tensor([0, 2])))
 
 
-def test_feed_forward_is_geglu_value_times_gelu_of_the_gate():
-    """ff_out input = a * gelu(gate), (a, gate) = the two halves of geglu's output, in that order."""
+def test_transformer_block_wiring(randomise):
+    """attn1 sees norm1 of the proj_in(GN(x)) tokens (B, HW, C); the feed-forward is GEGLU: ff_out's
+    input is a * gelu(gate), (a, gate) the two halves of geglu's output, in that order."""
     torch.manual_seed(0)
-    tr, seen = _randomise(d.Transformer(32, 2)), {}
+    tr, seen = randomise(d.Transformer(32, 2)), {}
+    tr.proj_in.register_forward_hook(lambda m, i, o: seen.__setitem__('p', o))
+    tr.attn1.register_forward_pre_hook(lambda m, i: seen.__setitem__('attn1', i[0]))
     tr.geglu.register_forward_hook(lambda m, i, o: seen.__setitem__('g', o))
-    tr.ff_out.register_forward_pre_hook(lambda m, i: seen.__setitem__('in', i[0]))
+    tr.ff_out.register_forward_pre_hook(lambda m, i: seen.__setitem__('ff_out', i[0]))
     tr(torch.randn(2, 32, 4, 4), None)
+    torch.testing.assert_close(seen['attn1'], tr.norm1(seen['p'].flatten(2).transpose(1, 2)))
     a, gate = seen['g'].chunk(2, dim=-1)
-    torch.testing.assert_close(seen['in'], a * F.gelu(gate))
+    torch.testing.assert_close(seen['ff_out'], a * F.gelu(gate))
 
 
 def test_vae_downsample_pads_right_and_bottom():
@@ -536,10 +533,10 @@ def test_vae_downsample_pads_right_and_bottom():
     torch.testing.assert_close(u(x), u.conv(x.repeat_interleave(2, 2).repeat_interleave(2, 3)))
 
 
-def test_vae_mid_block_is_resnet_attention_resnet():
+def test_vae_mid_block_is_resnet_attention_resnet(randomise):
     torch.manual_seed(0)
     m = d.mid_block(8)
-    _randomise(m)
+    randomise(m)
     x = torch.randn(1, 8, 4, 4)
     torch.testing.assert_close(d.run_mid(m, x), m.resnets[1](m.attentions[0](m.resnets[0](x))))
 
@@ -551,13 +548,3 @@ def test_unet_upsampling_is_nearest_then_conv():
     for up in ups:
         x = torch.randn(1, up[1].in_channels, 4, 4)
         torch.testing.assert_close(up(x), up[1](x.repeat_interleave(2, 2).repeat_interleave(2, 3)))
-
-
-def test_transformer_self_attention_sees_the_layernormed_tokens():
-    """attn1's input = norm1(proj_in(GN(x)) as (B, HW, C) tokens)."""
-    torch.manual_seed(0)
-    tr, seen = _randomise(d.Transformer(32, 2)), {}
-    tr.proj_in.register_forward_hook(lambda m, i, o: seen.__setitem__('p', o))
-    tr.attn1.register_forward_pre_hook(lambda m, i: seen.__setitem__('in', i[0]))
-    tr(torch.randn(2, 32, 4, 4), None)
-    torch.testing.assert_close(seen['in'], tr.norm1(seen['p'].flatten(2).transpose(1, 2)))

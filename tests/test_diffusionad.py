@@ -396,13 +396,6 @@ def test_input_range_maps_images_to_the_unets_range(tmp_path):
         torch.testing.assert_close(seen[0], want)
 
 
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
-    return module
-
-
 def test_timestep_embedding_is_sin_then_cos_with_max_period_10000():
     """[sin(t f_i), cos(t f_i)], f_i = 10000^(-i/half), raw integer t."""
     t, dim = torch.tensor([0, 1, 37, 999]), 8
@@ -412,13 +405,13 @@ def test_timestep_embedding_is_sin_then_cos_with_max_period_10000():
     torch.testing.assert_close(e, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_resblock_forward_by_hand():
+def test_resblock_forward_by_hand(randomise):
     """GN-SiLU-[resample]-conv1 + Linear(SiLU(temb)), GN-SiLU-conv2, plus the resampled skip."""
     torch.manual_seed(0)
     x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
     for rs, pool in ((None, lambda v: v), ('down', lambda v: F.avg_pool2d(v, 2)),
                      ('up', lambda v: F.interpolate(v, scale_factor=2.0))):
-        blk = _randomise(d.ResBlock(8, 16, 12, rs))
+        blk = randomise(d.ResBlock(8, 16, 12, rs))
         h = blk.conv1(pool(F.silu(blk.norm1(x)))) + blk.emb(F.silu(temb))[:, :, None, None]
         ref = blk.skip(pool(x)) + blk.conv2(F.silu(blk.norm2(h)))
         torch.testing.assert_close(blk(x, temb), ref)
@@ -462,33 +455,23 @@ def test_unet_up_blocks_concatenate_the_popped_skips(tmp_path):
         torch.testing.assert_close(x[:, -skip.shape[1]:], skip, rtol=0, atol=0)
 
 
-def test_segnet_decoder_concatenates_the_encoder_skips():
-    """dec[i] sees cat([up[i](h), enc[i] output])."""
+def test_segnet_wiring():
+    """enc[i] (i > 0) sees max_pool2d(enc[i - 1] output, 2); dec[i] sees cat([up[i](h), enc[i] output])."""
     torch.manual_seed(0)
     seg = d.SegNet(4, 3).eval()
-    enc, ins = {}, {}
+    enc_in, enc_out, dec_in = {}, {}, {}
     for i, b in enumerate(seg.enc):
-        b.register_forward_hook(lambda m, a, o, i=i: enc.__setitem__(i, o))
+        b.register_forward_pre_hook(lambda m, a, i=i: enc_in.__setitem__(i, a[0]))
+        b.register_forward_hook(lambda m, a, o, i=i: enc_out.__setitem__(i, o))
     for i, b in enumerate(seg.dec):
-        b.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0]))
+        b.register_forward_pre_hook(lambda m, a, i=i: dec_in.__setitem__(i, a[0]))
     seg(torch.randn(2, 6, 16, 16))
-    for i in ins:
-        torch.testing.assert_close(ins[i][:, -enc[i].shape[1]:], enc[i], rtol=0, atol=0)
+    for i in (1, 2):
+        torch.testing.assert_close(enc_in[i], F.max_pool2d(enc_out[i - 1], 2), rtol=0, atol=0)
+    for i in dec_in:
+        torch.testing.assert_close(dec_in[i][:, -enc_out[i].shape[1]:], enc_out[i], rtol=0, atol=0)
 
 
 def test_groupnorm_groups():
     """min(32, c/4) groups: 32 from 128 channels up (ADM)."""
     assert [d.norm(c).num_groups for c in (16, 64, 128, 256, 512)] == [4, 16, 32, 32, 32]
-
-
-def test_segnet_encoder_max_pools_between_levels():
-    """enc[i] (i > 0) sees max_pool2d(enc[i - 1] output, 2)."""
-    torch.manual_seed(0)
-    seg = d.SegNet(4, 3).eval()
-    out, ins = {}, {}
-    for i, b in enumerate(seg.enc):
-        b.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o))
-        b.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0]))
-    seg(torch.randn(2, 6, 16, 16))
-    for i in (1, 2):
-        torch.testing.assert_close(ins[i], F.max_pool2d(out[i - 1], 2), rtol=0, atol=0)

@@ -427,13 +427,6 @@ def test_random_backbone_is_recalibrated_on_imagenet_normalised_training_images(
     assert not any(m.training for m in model.backbone.modules())
 
 
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
-    return module
-
-
 def _unet(**kw):
     torch.manual_seed(0)
     a = dict(c_in=48, ch=32, mult=(1, 2), n_res=1, attn_ds=(2,), heads=2)
@@ -449,10 +442,10 @@ def test_timestep_embedding_is_cos_then_sin():
     torch.testing.assert_close(ia.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_resblock_forward_by_hand():
+def test_resblock_forward_by_hand(randomise):
     """in_layers(x) + Linear(SiLU(emb)), out_layers, plus the 1x1 skip."""
     torch.manual_seed(0)
-    blk = _randomise(ia.ResBlock(32, 64, 16))
+    blk = randomise(ia.ResBlock(32, 64, 16))
     x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
     ref = blk.skip(x) + blk.out_layers(blk.in_layers(x) + blk.emb[1](F.silu(emb))[:, :, None, None])
     torch.testing.assert_close(blk(x, emb), ref)

@@ -448,13 +448,6 @@ def test_random_backbone_is_recalibrated_on_imagenet_normalised_images(tmp_path)
     assert not any(m.training for m in model.backbone.modules())
 
 
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
-    return module
-
-
 def test_timestep_embedding_is_cos_then_sin():
     t = torch.tensor([0.0, 0.5, 3.0, 999.0])
     ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
@@ -462,14 +455,14 @@ def test_timestep_embedding_is_cos_then_sin():
     torch.testing.assert_close(lasb.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_scale_shift_resblock_by_hand():
+def test_scale_shift_resblock_by_hand(randomise):
     """h = norm2(conv1(resample(SiLU(norm1 x)))) * (1 + scale) + shift, (scale, shift) = chunks of
     Linear(SiLU(emb)); out = skip(resample x) + conv2(SiLU h)."""
     torch.manual_seed(0)
     x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
     for rs, res in ((None, lambda v: v), ('down', lambda v: F.avg_pool2d(v, 2)),
                     ('up', lambda v: F.interpolate(v, scale_factor=2.0, mode='nearest'))):
-        blk = _randomise(lasb.ResBlock(8, 16, 12, rs))
+        blk = randomise(lasb.ResBlock(8, 16, 12, rs))
         h = blk.norm2(blk.conv1(res(F.silu(blk.norm1(x)))))
         scale, shift = blk.emb(F.silu(emb))[:, :16, None, None], blk.emb(F.silu(emb))[:, 16:, None, None]
         ref = blk.skip(res(x)) + blk.conv2(F.silu(h * (1 + scale) + shift))

@@ -539,13 +539,6 @@ def test_t_init_is_an_inference_key(run, tmp_path):
     assert not torch.allclose(other.predict(b)['map'], model.predict(b)['map'])
 
 
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
-    return module
-
-
 def test_timestep_embedding_is_cos_then_sin_with_max_period_10000():
     t = torch.tensor([0, 1, 400, 999])
     ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
@@ -553,18 +546,18 @@ def test_timestep_embedding_is_cos_then_sin_with_max_period_10000():
     torch.testing.assert_close(omiad.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_resblock_forward_by_hand():
+def test_resblock_forward_by_hand(randomise):
     torch.manual_seed(0)
-    blk = _randomise(omiad.ResBlock(32, 64, 16))
+    blk = randomise(omiad.ResBlock(32, 64, 16))
     x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
     ref = blk.skip(x) + blk.out_layers(blk.in_layers(x) + blk.emb[1](F.silu(emb))[:, :, None, None])
     torch.testing.assert_close(blk(x, emb), ref)
     assert not torch.allclose(blk(x, emb), blk(x, emb + 1))
 
 
-def test_discriminator_is_the_channel_mean_of_the_last_encoder_activation_of_a_trained_net(tmp_path):
+def test_discriminator_is_the_channel_mean_of_the_last_encoder_activation_of_a_trained_net(tmp_path, randomise):
     """With non-zero residual branches (as after training) disc = forward's d = mean_c of the encoder output."""
-    net = _randomise(omiad.UNet(tiny_cfg(tmp_path, '--ch_mult', '1,2,2'), 48))
+    net = randomise(omiad.UNet(tiny_cfg(tmp_path, '--ch_mult', '1,2,2'), 48))
     x, t = torch.randn(2, 48, 8, 8), torch.tensor([0, 700])
     hs, _ = net.encode(x, t)
     eps, d = net(x, t, logits=True)
@@ -593,10 +586,10 @@ def test_efficientnet_stages_are_resized_with_antialias_and_concatenated_in_orde
     torch.testing.assert_close(model.features(image), ref)
 
 
-def test_attention_by_hand_with_contiguous_heads():
+def test_attention_by_hand_with_contiguous_heads(randomise):
     """q, k, v = thirds of qkv(GN x); head j = channels j*C/h .. (j+1)*C/h of each; softmax(q k^T / sqrt(d)) v."""
     torch.manual_seed(0)
-    att = _randomise(omiad.Attention(64, 4))
+    att = randomise(omiad.Attention(64, 4))
     x = torch.randn(2, 64, 3, 3)
     q, k, v = att.qkv(att.norm(x)).flatten(2).chunk(3, 1)                        # (B, C, HW) each
     heads = []
