@@ -460,8 +460,10 @@ def import_method(name):
     try:
         module = importlib.import_module(name.removesuffix('.py'))     # 'lasb.py' means lasb
     except ImportError as e:
+        close = difflib.get_close_matches(name.removesuffix('.py'), METHODS, n=1)
         raise UserError(f"cannot import the method {name!r} ({e}): its file must sit beside common.py or on "
-                        f"PYTHONPATH; this project's methods: {', '.join(METHODS)}")
+                        f"PYTHONPATH; this project's methods: {', '.join(METHODS)}"
+                        + (f' (did you mean {close[0]}?)' if close else ''))
     if not hasattr(module, 'Model'):
         raise UserError(f'{name!r} is not a method file: it defines no Model')
     return module

@@ -446,7 +446,9 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
             assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count('\n') == 1, p.stderr
         else:
             assert p.returncode == 2 and "cannot import the method 'nomethod'" in p.stderr, p.stderr
-            assert p.stderr.count('\n') == 1 and 'lasb' in p.stderr
+            assert p.stderr.count('\n') == 1 and 'lasb' in p.stderr and 'did you mean' not in p.stderr
+    with pytest.raises(UserError, match=r'\(did you mean omiad\?\)$'):     # a typo gets the name it meant
+        common.import_method('omaid.py')
     assert common.import_method('toy_method.py') is toy_method           # the file name works too
 
 
