@@ -187,6 +187,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         print_help(defaults, presets, [file or sys.argv[0], __file__], doc)
         sys.exit(0)
     cli_args = _parse_argv(argv, defaults)
+    if cli_args.get('device') == 'auto':     # typing the default asks for no device: a CPU is still implicit
+        del cli_args['device']
     data = cli_args.get('data', defaults['data'])
     preset = cli_args.get('preset', defaults['preset'])
     if preset == 'auto':
@@ -199,7 +201,7 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         'out', f"{method}_{cfg['data']}_{cfg['category']}_{preset}_s{cfg['seed']}")
     cfg['device'] = pick_device(cfg['device'])
     _check_shared(cfg)
-    if preset == 'paper' and cfg['device'] == 'cpu' and cli_args.get('device', 'auto') == 'auto':
+    if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
         if cfg['data'] != 'synthetic' and not (cfg['eval'] or cfg['resume']):
             _check_root(cfg['data'], cfg['data_root'])     # needed on any device: say it first
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '

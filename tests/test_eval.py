@@ -377,7 +377,7 @@ def test_a_paper_checkpoint_is_refused_on_an_implicit_cpu(tmp_path, monkeypatch,
     out = toy(tmp_path, '--preset', 'paper', '--device', 'cpu', '--steps', '3', '--category', 'weave')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
-    for argv in (['--resume'], ['--eval'], ['--resume', '--steps', '5']):   # finished, or trained further
+    for argv in (['--resume'], ['--eval'], ['--resume', '--steps', '5'], ['--eval', '--device', 'auto']):
         with pytest.raises(UserError, match='holds a paper-preset run and no GPU was found: pass --device cpu'):
             toy_method.main(['--out_dir', out, *argv])
     capsys.readouterr()
