@@ -509,7 +509,7 @@ def corrector_loss(model, batch, gen, cfg, unet=None):
     noise = gauss * eps + (1 - gauss) * shuffle_patches(z0, p, gen)             # shuffled-patch noise
     zt, eta = forward_process(z0, t, m, noise, model.abar)
     with common.autocast(dev, cfg['dtype']):
-        pred = (unet or model.unet)(zt, t, cls)
+        pred = (model.unet if unet is None else unet)(zt, t, cls)   # not `or`: a compiled net has no truth value
     return F.mse_loss(pred.float(), eta)
 
 

@@ -468,7 +468,7 @@ def amdm_loss(model, x0, gen, net=None):
     t, keep, eps = t.to(x0.device), keep.to(x0.device), eps.to(x0.device)
     x_t = q_sample(x0 * keep, t, eps, abar)                          # Eq. 6 and Eq. 9
     with common.autocast(x0.device, cfg['dtype']):
-        e = (net or model.teacher)(x_t, t)
+        e = (model.teacher if net is None else net)(x_t, t)     # not `or`: a compiled net has no truth value
     x0_hat = predict_x0(x_t, t, e, abar)                             # Eq. 10
     gamma = (abar[t] / (1 - abar[t])).clamp(max=cfg['snr_max'])    # min(SNR_t, snr_max)
     return (expand(gamma) * (x0_hat - x0) ** 2).mean()               # Eq. 11
@@ -568,7 +568,7 @@ def val_error(model, x0_val, eps_val, net=None):
     cfg, err = model.cfg, 0.0
     for x0, eps in zip(x0_val.split(64), eps_val.split(64)):
         x0, eps = x0.to(cfg['device']), eps.to(cfg['device'])
-        x0_hat = model.generate(net or model.generator, x0, eps, cfg['t_init'])
+        x0_hat = model.generate(model.generator if net is None else net, x0, eps, cfg['t_init'])
         err += ((x0 - x0_hat) ** 2).sum(1).mean((1, 2)).sum().item()
     return err / len(x0_val)
 

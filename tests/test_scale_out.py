@@ -181,12 +181,18 @@ def test_compile_is_for_training_only(method, tmp_path, monkeypatch):
     (a compiled copy would be timed, and recompiled for every new input shape)."""
     calls = []
 
-    def fake_compile(module, *args, **kwargs):
-        def compiled(*a, **k):
-            calls.append(type(module).__name__)
-            return module(*a, **k)
-        return compiled
-    monkeypatch.setattr(torch, 'compile', fake_compile)
+    class Compiled(torch.nn.Module):      # as torch's OptimizedModule: `net or default` raises
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **k):
+            calls.append(type(self.module).__name__)
+            return self.module(*a, **k)
+
+        def __len__(self):
+            raise TypeError(f'{type(self.module).__name__} does not support len()')
+    monkeypatch.setattr(torch, 'compile', lambda module, *args, **kwargs: Compiled(module))
     module, cfg = micro_cfg(method, tmp_path, '--compile')
     model, _ = module.train(cfg)
     assert calls
