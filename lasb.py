@@ -585,7 +585,8 @@ def train_autoencoder(model, data, val, cfg, ckpt, clock):
     if ckpt:
         opt.load_state_dict(ckpt['opt'])
     batches = common.train_batches(data, cfg, step, size_key='ae_batch_size')
-    enc, dec = (torch.compile(m) if cfg['compile'] else m for m in (ae.encoder, ae.decoder))
+    # fixed shapes: with dynamic ones, Inductor failed to compile the decoder (torch 2.14, CPU)
+    enc, dec = (torch.compile(m, dynamic=False) if cfg['compile'] else m for m in (ae.encoder, ae.decoder))
     clock.update(step=step, tick=time.time())
     for step in tqdm(range(step, cfg['ae_steps']), desc='stage 1', disable=rank > 0, leave=False):
         x = next(batches)['image'].to(device)
