@@ -21,3 +21,13 @@ def randomise():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         return module
     return draw
+
+
+@pytest.fixture
+def sinusoids():
+    """sinusoids(t, half=4) -> (cos, sin), each (len(t), half): cos/sin(t f_i), f_i = 10000^(-i/half),
+    computed in float64 from the closed form; each test concatenates them in its method's order."""
+    def table(t, half=4):
+        a = torch.tensor([[v * 10000 ** (-i / half) for i in range(half)] for v in t.tolist()], dtype=torch.float64)
+        return a.cos().float(), a.sin().float()
+    return table

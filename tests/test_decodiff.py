@@ -480,10 +480,9 @@ def test_extra_scores_are_the_maxima_of_each_term():
     torch.testing.assert_close(out['scores']['latent'], d_lat.flatten(1).amax(1))
 
 
-def test_timestep_embedding_is_cos_then_sin_with_period_10000():
+def test_timestep_embedding_is_cos_then_sin_with_period_10000(sinusoids):
     t = torch.tensor([0, 1, 123, 999])
-    ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
-                        [math.sin(v * 10000 ** (-i / 4)) for i in range(4)] for v in t.tolist()])
+    ref = torch.cat(sinusoids(t), 1)                        # [cos, sin]
     torch.testing.assert_close(d.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
 
 

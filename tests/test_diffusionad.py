@@ -396,12 +396,11 @@ def test_input_range_maps_images_to_the_unets_range(tmp_path):
         torch.testing.assert_close(seen[0], want)
 
 
-def test_timestep_embedding_is_sin_then_cos_with_max_period_10000():
+def test_timestep_embedding_is_sin_then_cos_with_max_period_10000(sinusoids):
     """[sin(t f_i), cos(t f_i)], f_i = 10000^(-i/half), raw integer t."""
     t, dim = torch.tensor([0, 1, 37, 999]), 8
     e = d.timestep_embedding(t, dim)
-    ref = torch.tensor([[math.sin(v * 10000 ** (-i / 4)) for i in range(4)] +
-                        [math.cos(v * 10000 ** (-i / 4)) for i in range(4)] for v in t.tolist()])
+    ref = torch.cat(sinusoids(t)[::-1], 1)                  # [sin, cos]
     torch.testing.assert_close(e, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -448,10 +448,9 @@ def test_random_backbone_is_recalibrated_on_imagenet_normalised_images(tmp_path)
     assert not any(m.training for m in model.backbone.modules())
 
 
-def test_timestep_embedding_is_cos_then_sin():
+def test_timestep_embedding_is_cos_then_sin(sinusoids):
     t = torch.tensor([0.0, 0.5, 3.0, 999.0])
-    ref = torch.tensor([[math.cos(v * 10000 ** (-i / 4)) for i in range(4)] +
-                        [math.sin(v * 10000 ** (-i / 4)) for i in range(4)] for v in t.tolist()])
+    ref = torch.cat(sinusoids(t), 1)                        # [cos, sin]
     torch.testing.assert_close(lasb.timestep_embedding(t, 8), ref, atol=1e-5, rtol=1e-5)
 
 
