@@ -1047,14 +1047,19 @@ def _light(img, rng):
     return img + rng.normal(0, 0.012, img.shape)
 
 
+def _spot(rng, region):
+    """A random pixel (x, y) of a boolean (H,W) region."""
+    ys, xs = np.nonzero(region)
+    k = rng.integers(len(xs))
+    return xs[k], ys[k]
+
+
 def _defect(kind, img, cover, bg, rng):
     """Apply one defect to a clean image; returns (image, coverage alpha of the defect)."""
     if cover is None:
         cx, cy = rng.uniform(16, SYN_SIZE - 16, 2)
-    else:                                                                 # on the object
-        ys, xs = np.nonzero(cover > 0.99)
-        k = rng.integers(len(xs))
-        cx, cy = xs[k], ys[k]
+    else:
+        cx, cy = _spot(rng, cover > 0.99)                                 # on the object
     sign = rng.choice([-1.0, 1.0])
     mean = img.reshape(-1, 3).mean(0)
     if kind == 'scratch':
@@ -1084,19 +1089,16 @@ def _defect(kind, img, cover, bg, rng):
             alpha = _disc(cx, cy, rng.uniform(8, 16), rng.uniform(8, 16), rng.uniform(0, np.pi))
             target = np.broadcast_to(mean * rng.uniform(0.85, 1.15), img.shape)
         else:                                                             # a bite out of the rim
-            ys, xs = np.nonzero((cover > 0.3) & (cover < 0.7))
-            k = rng.integers(len(xs))
-            alpha = _disc(xs[k], ys[k], rng.uniform(6, 12)) * cover
+            alpha = _disc(*_spot(rng, (cover > 0.3) & (cover < 0.7)), rng.uniform(6, 12)) * cover
             target = bg
     elif kind == 'extra':
         if cover is None:                                                 # a stray thick fibre
             alpha = _curve(rng, cx, cy, rng.uniform(18, 36), rng.uniform(3, 5))
             target = np.broadcast_to(mean * rng.uniform(0.5, 1.5), img.shape)
         else:                                                             # excess material
-            ys, xs = np.nonzero((cover > 0.3) & (cover < 0.7))
-            k = rng.integers(len(xs))
-            alpha = _disc(xs[k], ys[k], rng.uniform(6, 11)) * (1 - cover)
-            target = np.broadcast_to(img[ys[k], xs[k]], img.shape)
+            x, y = _spot(rng, (cover > 0.3) & (cover < 0.7))              # on the rim
+            alpha = _disc(x, y, rng.uniform(6, 11)) * (1 - cover)
+            target = np.broadcast_to(img[y, x], img.shape)
     else:                                                                 # foreign texture patch
         alpha = _disc(cx, cy, rng.uniform(7, 15), rng.uniform(7, 15), rng.uniform(0, np.pi))
         a, period = rng.uniform(0, np.pi), rng.uniform(3, 6)
