@@ -18,7 +18,7 @@ import omiad
 TINY = ['--category', 'weave', '--image_size', '64', '--feature_size', '8', '--ch', '32', '--attn_res', '4',
         '--num_heads', '2', '--batch_size', '4', '--bn_images', '16', '--val_images', '4', '--amdm_steps', '4',
         '--asd_steps', '4', '--psi_warmup', '1', '--adv_start', '2', '--log_interval', '2',
-        '--ckpt_interval', '2', '--t_init', '400', '--device', 'cpu']
+        '--ckpt_interval', '2', '--t_init', '200', '--device', 'cpu']
 
 
 def tiny_cfg(out_dir, *argv):
@@ -379,14 +379,16 @@ def test_a_stage_1_checkpoint_is_refused_for_evaluation(run):
 def test_cli_errors(tmp_path):
     with pytest.raises(common.UserError, match='--mask must be spatial or element'):
         omiad.train(tiny_cfg(tmp_path, '--mask', 'patch'))
+    with pytest.raises(common.UserError, match=r'need 0 <= --t_max <= --amdm_t_max <= 999: the teacher is queried'):
+        omiad.train(tiny_cfg(tmp_path, '--t_max', '300'))          # the teacher is untrained there
     with pytest.raises(common.UserError, match='did you mean --t_init'):
         tiny_cfg(tmp_path, '--t_inti', '400')
     ckpt = dict(method='omiad', config=dict(omiad.config), model={})
     with pytest.raises(common.UserError, match='cannot change without retraining'):
         common.load('ckpt.pt', omiad.Model, overrides={'ch': 8}, ckpt=ckpt)   # only INFER_KEYS may
-    for overrides, message in (({'t_init': 1000}, '--t_init must lie in 0..999'),
+    for overrides, message in (({'t_init': 300}, r'--t_init must lie in 0..299 \(the teacher'),
                                ({'teacher_steps': 0}, 'teacher_steps in 1..t_init'),
-                               ({'use_teacher': True, 'teacher_steps': 500}, r'got 400 and 500')):
+                               ({'use_teacher': True, 'teacher_steps': 500}, r'got 200 and 500')):
         with pytest.raises(common.UserError, match=message):     # inference keys, checked at every load
             omiad.Model(dict(tiny_cfg(tmp_path), **overrides))
     for flags in (['--ch', '48'], ['--feature_size', '6']):
@@ -414,7 +416,7 @@ def test_amdm_loss_by_hand(tmp_path):
     with torch.no_grad():
         got = omiad.amdm_loss(model, x0, common.generator(0, 'by hand'))
         g = common.generator(0, 'by hand')                           # the draws amdm_loss makes from it
-        t = torch.randint(0, cfg['T'], (4,), generator=g)
+        t = torch.randint(0, cfg['amdm_t_max'] + 1, (4,), generator=g)   # the tiny preset's 0..299
         u = torch.rand((4, 1, 8, 8), generator=g)
         p = cfg['p_min'] + (cfg['p_max'] - cfg['p_min']) * (t.float() / cfg['T']) ** cfg['kappa']
         keep = (u >= p.view(-1, 1, 1, 1)).float()                    # 1 keeps, 0 masks (Eq. 8)
@@ -530,11 +532,11 @@ def test_t_init_is_an_inference_key(run, tmp_path):
     """eval.py --t_init: loading with the override changes the noise level predict uses."""
     model, out, _ = run
     path = str(out / 'ckpt.pt')
-    other, _ = common.load(path, omiad.Model, overrides={'t_init': 200})
-    assert other.cfg['t_init'] == 200
+    other, _ = common.load(path, omiad.Model, overrides={'t_init': 100})
+    assert other.cfg['t_init'] == 100
     b = batch(2)
     want = copy.deepcopy(model)
-    want.cfg = dict(model.cfg, t_init=200)
+    want.cfg = dict(model.cfg, t_init=100)
     torch.testing.assert_close(other.predict(b)['map'], want.predict(b)['map'])
     assert not torch.allclose(other.predict(b)['map'], model.predict(b)['map'])
 

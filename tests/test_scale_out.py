@@ -37,7 +37,7 @@ MICRO = {
                      '--S 2 --ckpt_interval 2 --log_interval 2', 5),
     'omiad': ('--category weave --image_size 64 --feature_size 8 --ch 32 --attn_res 4 --num_heads 2 --batch_size 4 '
               '--bn_images 16 --val_images 4 --amdm_steps 4 --asd_steps 4 --psi_warmup 1 --adv_start 2 '
-              '--t_init 400 --ckpt_interval 2 --log_interval 2', 4),
+              '--t_init 200 --ckpt_interval 2 --log_interval 2', 4),
     'decodiff': ('--category weave --image_size 32 --batch_size 4 --ae_steps 4 --steps 4 --ae_crop 16 '
                  '--patch_sizes 1,2 --patch_probs 0.5,0.5 --ckpt_interval 2 --log_interval 2', 5),
     'diffusionad': ('--category weave --image_size 32 --ch 16 --ch_mult 1,2 --attn_res 16 --seg_ch 8 '
