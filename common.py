@@ -473,10 +473,11 @@ def import_method(name):
 
 def saved_config(ckpt, Model):
     """The checkpoint's config over the method's current defaults and preset, so that a key added to
-    the method file after the checkpoint was saved takes its default instead of a KeyError."""
+    the method file after the checkpoint was saved takes its default instead of a KeyError; or, if
+    the method file's LEGACY names it, the value that reproduces the code the checkpoint came from."""
     module, preset = sys.modules[Model.__module__], ckpt['config'].get('preset')
     base = {**module.config, **getattr(module, 'PRESETS', {}).get(preset, {})} if hasattr(module, 'config') else {}
-    return {**base, **ckpt['config']}
+    return {**base, **getattr(module, 'LEGACY', {}), **ckpt['config']}
 
 
 def save(path, model, **state):
@@ -592,7 +593,8 @@ def _restore(path, Model, cfg, ckpt):
         raise UserError(f"{path} is a {ckpt['method']} checkpoint; use {ckpt['method']}.py, not {method}.py")
     new = sorted(set(cfg) - set(ckpt['config']) - set(RUNTIME_KEYS))     # see saved_config
     if new:
-        print0(f"note: {path} predates {', '.join('--' + k for k in new)}: their current defaults are used")
+        print0(f"note: {path} predates {', '.join('--' + k for k in new)}: it runs with "
+               f"{' '.join(f'--{k} {cfg[k]!r}' for k in new)}")
     model = Model(cfg)
     try:
         missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)

@@ -174,6 +174,8 @@ config = dict(
 del config['dtd_root']   # a shared key this method has no use for (no synthetic anomalies)
 # keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
 RENAMED = dict(feat_size='feature_size', heads='num_heads', backbone_source='backbone_record')
+# keys added since: the value a checkpoint saved before them was trained with (common.saved_config)
+LEGACY = dict(amdm_t_max=999)
 PRESETS = {
     'paper': dict(backbone_weights='timm'),                      # ImageNet B4 (timm cache)
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level

@@ -299,7 +299,7 @@ def test_a_new_method_file_is_evaluated_and_its_old_checkpoints_take_new_keys_de
     del c['config']['noise']                                                  # saved before 'noise' existed
     torch.save(c, ckpt)
     plain = E.main([ckpt])
-    assert 'predates --noise: their current defaults are used' in capsys.readouterr().out
+    assert f"predates --noise: it runs with --noise {toy_method.config['noise']!r}" in capsys.readouterr().out
     assert E.main([ckpt, '--noise', '0.1'])['config']['noise'] == 0.1
     model, _ = E._load(ckpt)
     del toy_method.Model.INFER_KEYS                                           # a method may have none

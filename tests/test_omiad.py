@@ -541,6 +541,21 @@ def test_t_init_is_an_inference_key(run, tmp_path):
     assert not torch.allclose(other.predict(b)['map'], model.predict(b)['map'])
 
 
+def test_a_checkpoint_from_before_amdm_t_max_keeps_its_teacher_on_all_t(run, tmp_path, capsys):
+    """LEGACY: a checkpoint saved before amdm_t_max existed trained its teacher on every t, so it
+    loads and resumes with amdm_t_max 999, not the tiny preset's 299 (which would refuse its t_max 990
+    and --t_init above 299, and resume stage 1 on other timesteps)."""
+    _, out, _ = run
+    c = common.read_checkpoint(str(out / 'ckpt.pt'))
+    del c['config']['amdm_t_max']
+    c['config']['t_max'] = 990                                        # the tiny preset's value then
+    os.makedirs(tmp_path / 'old')
+    torch.save(c, tmp_path / 'old' / 'ckpt.pt')
+    model, _ = common.load(str(tmp_path / 'old' / 'ckpt.pt'), omiad.Model, overrides={'t_init': 400})
+    assert model.cfg['amdm_t_max'] == 999 and 'it runs with --amdm_t_max 999' in capsys.readouterr().out
+    omiad.check_config(common.resume(tiny_cfg(tmp_path / 'old', '--resume'), omiad.Model)[0].cfg)   # no error
+
+
 def test_timestep_embedding_is_cos_then_sin_with_max_period_10000(sinusoids):
     t = torch.tensor([0, 1, 400, 999])
     ref = torch.cat(sinusoids(t), 1)                        # [cos, sin]
