@@ -352,13 +352,7 @@ def run(cfg, train, Model):
                 model, ckpt = _load_finished(c, path, Model)
                 seconds, trained_with = ckpt.get('train_seconds', float('nan')), ckpt.get('versions')
             elif done is None:
-                model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
-                after = read_checkpoint(path, mmap=True) if rank == 0 and os.path.isfile(path) else {}
-                if saved and (after.get('stage'), after.get('step')) == (saved.get('stage'), saved.get('step')):
-                    print0(f'note: nothing was trained: {path} had finished and no key typed lengthens it (--lr, '
-                           'say); it is evaluated as saved')
-                    model = load(path, Model, device=c['device'])[0]
-                seconds = after.get('train_seconds', seconds)   # the checkpoint's, which re-evaluations report
+                model, seconds = _train(c, path, saved, train, Model)
             if rank == 0 and done is None:                           # data_root etc. as trained unless typed
                 test = load_dataset(dict(model.cfg, **{k: c[k] for k in RUNTIME_KEYS if k in _given(c)}), 'test')
                 done = evaluate(model, test, c['out_dir'], c['heatmaps'], seconds, train_versions=trained_with)
@@ -368,6 +362,18 @@ def run(cfg, train, Model):
             barrier()
     finally:
         dist_teardown()
+
+
+def _train(c, path, saved, train, Model):
+    """train(c) -> (model, train_seconds): the checkpoint's seconds, which re-evaluations report;
+    a resume that trained nothing (its checkpoint had finished) returns the checkpoint as saved."""
+    model, seconds = train(dict(c, categories=list(_categories_of(c))))   # kept in the checkpoint
+    after = read_checkpoint(path, mmap=True) if rank_world()[0] == 0 and os.path.isfile(path) else {}
+    if saved and (after.get('stage'), after.get('step')) == (saved.get('stage'), saved.get('step')):
+        print0(f'note: nothing was trained: {path} had finished and no key typed lengthens it (--lr, '
+               'say); it is evaluated as saved')
+        model = load(path, Model, device=c['device'])[0]
+    return model, after.get('train_seconds', seconds)
 
 
 def _check_start(cfg, paths):
@@ -995,49 +1001,63 @@ def _curve(rng, cx, cy, length, width):
     return np.clip(width / 2 + 0.5 - dist, 0, 1)
 
 
+def _weave(rng):
+    """A plain-weave texture: warp and weft threads of period 8 px, random phase and slight tilt."""
+    a = rng.normal(0, 0.03)
+    u = _X * np.cos(a) + _Y * np.sin(a) + rng.uniform(0, 8)
+    v = -_X * np.sin(a) + _Y * np.cos(a) + rng.uniform(0, 8)
+    warp, weft = np.sin(np.pi * u / 4) ** 2, np.sin(np.pi * v / 4) ** 2
+    over = np.sin(np.pi * u / 8) * np.sin(np.pi * v / 8) > 0            # plain weave: over/under
+    p = np.where(over, warp, weft) * 0.8 + 0.2 * _noise(rng, 32)
+    base = np.array([0.58, 0.47, 0.34]) + rng.normal(0, 0.015, 3)
+    return base * (0.72 + 0.42 * p[..., None])
+
+
+def _grain(rng):
+    """A stone-like texture: value noise at three scales plus light and dark specks."""
+    n = 0.5 * _noise(rng, 4) + 0.3 * _noise(rng, 10) + 0.2 * _noise(rng, 32)
+    speck = (_noise(rng, 64) > 0.85) * 0.12 - (_noise(rng, 64) > 0.87) * 0.12
+    c0, c1 = np.array([0.62, 0.6, 0.58]), np.array([0.36, 0.33, 0.32])
+    return c0 + (c1 - c0) * np.clip(1.6 * n - 0.3, 0, 1)[..., None] + speck[..., None]
+
+
+def _washer(rng, cx, cy):
+    """A freely rotated metal ring with a key notch on a dark background: (object, cover, bg)."""
+    bg = np.array([0.16, 0.16, 0.18]) + 0.03 * _noise(rng, 8)[..., None]
+    rho, ang = np.hypot(_X - cx, _Y - cy), np.arctan2(_Y - cy, _X - cx)
+    key = rng.uniform(-np.pi, np.pi)                                      # free rotation
+    notch = (np.abs(np.angle(np.exp(1j * (ang - key)))) < 0.22) & (rho < 27)
+    cover = np.clip(42 - rho + 0.5, 0, 1) * np.clip(rho - 19 + 0.5, 0, 1) * (1 - notch)
+    shade = 0.62 + 0.2 * np.cos(ang - 0.8) + 0.04 * np.sin(rho * 2.1)
+    return np.array([0.72, 0.72, 0.75]) * shade[..., None], cover, bg
+
+
+def _capsule(rng, cx, cy):
+    """A two-colour printed capsule, either way round, on a light background: (object, cover, bg)."""
+    bg = np.array([0.84, 0.84, 0.8]) + 0.02 * _noise(rng, 8)[..., None]
+    a = rng.normal(0, 0.07) + np.pi * (rng.random() < 0.5)              # either way round
+    u = (_X - cx) * np.cos(a) + (_Y - cy) * np.sin(a)
+    v = -(_X - cx) * np.sin(a) + (_Y - cy) * np.cos(a)
+    d = np.hypot(np.clip(np.abs(u) - 26, 0, None), v)                     # stadium: 2*26 + 2*17
+    cover = np.clip(17 - d + 0.5, 0, 1)
+    shade = 0.7 + 0.3 * np.sqrt(np.clip(1 - (v / 17) ** 2, 0, 1))
+    left = np.array([0.78, 0.22, 0.2]) + rng.normal(0, 0.02, 3)
+    right = np.array([0.93, 0.88, 0.68]) + rng.normal(0, 0.02, 3)
+    obj = np.where((u < 0)[..., None], left, right) * shade[..., None]
+    ink = sum(np.clip(1.6 - np.hypot(np.clip(np.abs(u - x0) - 3, 0, None), v), 0, 1)
+              for x0 in (12, 22, 32))                                     # three printed dashes
+    return obj * (1 - 0.55 * np.clip(ink, 0, 1))[..., None], cover, bg
+
+
 def _render(cat, rng):
     """A clean normal sample: (rgb float image, object coverage or None, background or None)."""
-    if cat == 'weave':
-        a = rng.normal(0, 0.03)
-        u = _X * np.cos(a) + _Y * np.sin(a) + rng.uniform(0, 8)
-        v = -_X * np.sin(a) + _Y * np.cos(a) + rng.uniform(0, 8)
-        warp, weft = np.sin(np.pi * u / 4) ** 2, np.sin(np.pi * v / 4) ** 2
-        over = np.sin(np.pi * u / 8) * np.sin(np.pi * v / 8) > 0        # plain weave: over/under
-        p = np.where(over, warp, weft) * 0.8 + 0.2 * _noise(rng, 32)
-        base = np.array([0.58, 0.47, 0.34]) + rng.normal(0, 0.015, 3)
-        return base * (0.72 + 0.42 * p[..., None]), None, None
-    if cat == 'grain':
-        n = 0.5 * _noise(rng, 4) + 0.3 * _noise(rng, 10) + 0.2 * _noise(rng, 32)
-        speck = (_noise(rng, 64) > 0.85) * 0.12 - (_noise(rng, 64) > 0.87) * 0.12
-        c0, c1 = np.array([0.62, 0.6, 0.58]), np.array([0.36, 0.33, 0.32])
-        img = c0 + (c1 - c0) * np.clip(1.6 * n - 0.3, 0, 1)[..., None] + speck[..., None]
-        return img, None, None
-    cx, cy = SYN_SIZE / 2 + rng.uniform(-7, 7, 2)
-    if cat == 'washer':
-        bg = np.array([0.16, 0.16, 0.18]) + 0.03 * _noise(rng, 8)[..., None]
-        rho, ang = np.hypot(_X - cx, _Y - cy), np.arctan2(_Y - cy, _X - cx)
-        key = rng.uniform(-np.pi, np.pi)                                  # free rotation
-        notch = (np.abs(np.angle(np.exp(1j * (ang - key)))) < 0.22) & (rho < 27)
-        cover = np.clip(42 - rho + 0.5, 0, 1) * np.clip(rho - 19 + 0.5, 0, 1) * (1 - notch)
-        shade = 0.62 + 0.2 * np.cos(ang - 0.8) + 0.04 * np.sin(rho * 2.1)
-        obj = np.array([0.72, 0.72, 0.75]) * shade[..., None]
-        return bg + (obj - bg) * cover[..., None], cover, bg
-    if cat == 'capsule':
-        bg = np.array([0.84, 0.84, 0.8]) + 0.02 * _noise(rng, 8)[..., None]
-        a = rng.normal(0, 0.07) + np.pi * (rng.random() < 0.5)          # either way round
-        u = (_X - cx) * np.cos(a) + (_Y - cy) * np.sin(a)
-        v = -(_X - cx) * np.sin(a) + (_Y - cy) * np.cos(a)
-        d = np.hypot(np.clip(np.abs(u) - 26, 0, None), v)                 # stadium: 2*26 + 2*17
-        cover = np.clip(17 - d + 0.5, 0, 1)
-        shade = 0.7 + 0.3 * np.sqrt(np.clip(1 - (v / 17) ** 2, 0, 1))
-        left = np.array([0.78, 0.22, 0.2]) + rng.normal(0, 0.02, 3)
-        right = np.array([0.93, 0.88, 0.68]) + rng.normal(0, 0.02, 3)
-        obj = np.where((u < 0)[..., None], left, right) * shade[..., None]
-        ink = sum(np.clip(1.6 - np.hypot(np.clip(np.abs(u - x0) - 3, 0, None), v), 0, 1)
-                  for x0 in (12, 22, 32))                                 # three printed dashes
-        obj = obj * (1 - 0.55 * np.clip(ink, 0, 1))[..., None]
-        return bg + (obj - bg) * cover[..., None], cover, bg
-    raise KeyError(cat)
+    if cat in ('weave', 'grain'):
+        return (_weave if cat == 'weave' else _grain)(rng), None, None
+    if cat not in ('washer', 'capsule'):
+        raise KeyError(cat)
+    cx, cy = SYN_SIZE / 2 + rng.uniform(-7, 7, 2)                         # +-7 px shifts
+    obj, cover, bg = (_washer if cat == 'washer' else _capsule)(rng, cx, cy)
+    return bg + (obj - bg) * cover[..., None], cover, bg
 
 
 def _light(img, rng):
@@ -1056,6 +1076,22 @@ def _spot(rng, region):
     return xs[k], ys[k]
 
 
+def _missing_or_extra(kind, img, cover, bg, rng, cx, cy):
+    """Material gone or added, which means one thing on a texture (a worn patch, a stray fibre) and
+    another on an object (a bite out of the rim, excess material beside it): (alpha, target)."""
+    if cover is None:
+        mean = img.reshape(-1, 3).mean(0)
+        if kind == 'missing':                                             # worn: pattern gone
+            alpha = _disc(cx, cy, rng.uniform(8, 16), rng.uniform(8, 16), rng.uniform(0, np.pi))
+            return alpha, np.broadcast_to(mean * rng.uniform(0.85, 1.15), img.shape)
+        alpha = _curve(rng, cx, cy, rng.uniform(18, 36), rng.uniform(3, 5))   # a stray thick fibre
+        return alpha, np.broadcast_to(mean * rng.uniform(0.5, 1.5), img.shape)
+    x, y = _spot(rng, (cover > 0.3) & (cover < 0.7))                      # a point on the rim
+    if kind == 'missing':                                                 # a bite out of it
+        return _disc(x, y, rng.uniform(6, 12)) * cover, bg
+    return _disc(x, y, rng.uniform(6, 11)) * (1 - cover), np.broadcast_to(img[y, x], img.shape)   # excess
+
+
 def _defect(kind, img, cover, bg, rng):
     """Apply one defect to a clean image; returns (image, coverage alpha of the defect)."""
     if cover is None:
@@ -1063,7 +1099,6 @@ def _defect(kind, img, cover, bg, rng):
     else:
         cx, cy = _spot(rng, cover > 0.99)                                 # on the object
     sign = rng.choice([-1.0, 1.0])
-    mean = img.reshape(-1, 3).mean(0)
     if kind == 'scratch':
         alpha = _curve(rng, cx, cy, rng.uniform(20, 48), rng.uniform(1.8, 3.2))
         target = img + sign * rng.uniform(0.12, 0.45)
@@ -1086,21 +1121,8 @@ def _defect(kind, img, cover, bg, rng):
         alpha = _disc(cx, cy, rng.uniform(10, 20), rng.uniform(10, 20), rng.uniform(0, np.pi))
         grey = img.mean(-1, keepdims=True)
         target = grey + (img - grey) * rng.uniform(-0.5, 0.4) + sign * rng.uniform(0.05, 0.14)
-    elif kind == 'missing':
-        if cover is None:                                                 # worn: pattern gone
-            alpha = _disc(cx, cy, rng.uniform(8, 16), rng.uniform(8, 16), rng.uniform(0, np.pi))
-            target = np.broadcast_to(mean * rng.uniform(0.85, 1.15), img.shape)
-        else:                                                             # a bite out of the rim
-            alpha = _disc(*_spot(rng, (cover > 0.3) & (cover < 0.7)), rng.uniform(6, 12)) * cover
-            target = bg
-    elif kind == 'extra':
-        if cover is None:                                                 # a stray thick fibre
-            alpha = _curve(rng, cx, cy, rng.uniform(18, 36), rng.uniform(3, 5))
-            target = np.broadcast_to(mean * rng.uniform(0.5, 1.5), img.shape)
-        else:                                                             # excess material
-            x, y = _spot(rng, (cover > 0.3) & (cover < 0.7))              # on the rim
-            alpha = _disc(x, y, rng.uniform(6, 11)) * (1 - cover)
-            target = np.broadcast_to(img[y, x], img.shape)
+    elif kind in ('missing', 'extra'):
+        alpha, target = _missing_or_extra(kind, img, cover, bg, rng, cx, cy)
     else:                                                                 # foreign texture patch
         alpha = _disc(cx, cy, rng.uniform(7, 15), rng.uniform(7, 15), rng.uniform(0, np.pi))
         a, period = rng.uniform(0, np.pi), rng.uniform(3, 6)
