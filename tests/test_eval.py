@@ -24,6 +24,13 @@ KEYS = ('method', 'data', 'category', 'preset', 'seed', 'config', 'protocol', 'v
         'extra', 'nfe', 'ms_per_image', 'train_seconds', 'params')
 
 
+def fake_clock(monkeypatch):
+    """time.perf_counter (eval's timer) reads a clock that only the test advances: timings exact."""
+    clock = [0.0]
+    monkeypatch.setattr(time, 'perf_counter', lambda: clock[0])
+    return clock
+
+
 def toy(tmp_path, *argv):
     out = str(tmp_path / 'run')
     toy_method.main(['--out_dir', out, *argv])
@@ -473,7 +480,7 @@ def test_bench_costs_each_network_pass_once_and_counts_the_rest(method):
     assert not any('forward' in vars(m) for m in model.modules())
 
 
-def test_bench_counts_parameters_flops_and_separates_network_time(capsys):
+def test_bench_counts_parameters_flops_and_separates_network_time(capsys, monkeypatch):
     r = E.bench('toy_method', ['--device', 'cpu'])
     assert r['params'] == {'net': (3 * 9 * 8 + 8) + (8 * 9 * 3 + 3)}
     assert r['flops'] == 2 * 32 * 32 * (3 * 9 * 8 + 8 * 9 * 3)   # two 3x3 convolutions at 32x32, batch 1
@@ -481,18 +488,26 @@ def test_bench_counts_parameters_flops_and_separates_network_time(capsys):
     assert [(n['name'], n['calls']) for n in r['networks']] == [('net', 1)]
     assert all(0 < net <= total for total, net in r['ms'].values())
 
+    clock = fake_clock(monkeypatch)
+
+    class Net(torch.nn.Conv2d):            # a network pass that costs 5 ms
+        def forward(self, x):
+            clock[0] += 0.005
+            return super().forward(x)
+
     class Slow(torch.nn.Module):           # one network pass, then 20 ms of pipeline outside any network
         def __init__(self):
             super().__init__()
-            self.net = torch.nn.Conv2d(3, 3, 1)
+            self.net = Net(3, 3, 1)
 
         def predict(self, batch):
             out = self.net(batch['image'])
-            time.sleep(0.02)
+            clock[0] += 0.02
             return dict(map=out[:, 0], nfe={'net': 1})
     model, x = Slow(), torch.rand(1, 3, 8, 8)
     total, spent, passes, _ = E._network_passes(model, dict(image=x), torch.device('cpu'), reuse=False)
-    assert 0 < spent < 0.01 and total >= spent + 0.02 and [(k[0], p[0]) for k, p in passes.items()] == [('net', 1)]
+    assert (total, spent) == pytest.approx((0.025, 0.005), abs=1e-12)
+    assert [(k[0], p[0]) for k, p in passes.items()] == [('net', 1)]
 
 
 def test_a_multi_class_model_keeps_the_categories_it_was_trained_on(tmp_path):
@@ -563,20 +578,20 @@ def test_maps_are_resized_bilinearly_without_align_corners():
 
 
 @pytest.mark.filterwarnings('ignore::UserWarning')   # undefined metrics of toy data
-def test_ms_per_image_excludes_the_warm_up_and_is_per_image():
+def test_ms_per_image_excludes_the_warm_up_and_is_per_image(monkeypatch):
     """Predict costs 20 ms per image, and its
     first call (the warm-up) 400 ms more; two categories share one warm-up. ms_per_image must be
     20 ms, not 20 + 400/8 (warm-up timed or skipped) nor 80 (per batch of 4)."""
-    calls = []
+    calls, clock = [], fake_clock(monkeypatch)
 
     def slow(batch):
         calls.append(len(batch['path']))
-        time.sleep(0.02 * len(batch['path']) + (0.4 if len(calls) == 1 else 0))
+        clock[0] += 0.02 * len(batch['path']) + (0.4 if len(calls) == 1 else 0)
         return channel0(batch)
     items = [(0, 0, None), (0, 0, None), (255, 1, None), (255, 1, None)]
     r = E.evaluate(FnModel(slow, batch_size=4), dataset({'a': items, 'b': items}), quiet=True)
     assert calls == [4, 4, 4]                              # one warm-up per evaluation, then one call per batch
-    assert 20 <= r['ms_per_image'] < 45                   # (timed: 70; per batch: 80; sleep may overshoot)
+    assert r['ms_per_image'] == pytest.approx(20)         # (warm-up timed: 70; per batch: 80)
 
 
 def three_categories():
