@@ -1002,7 +1002,7 @@ def _curve(rng, cx, cy, length, width):
 
 
 def _weave(rng):
-    """A plain-weave texture: warp and weft threads of period 8 px, random phase and slight tilt."""
+    """A plain-weave texture: warp and weft threads every 4 px, random phase and slight tilt."""
     a = rng.normal(0, 0.03)
     u = _X * np.cos(a) + _Y * np.sin(a) + rng.uniform(0, 8)
     v = -_X * np.sin(a) + _Y * np.cos(a) + rng.uniform(0, 8)
@@ -1052,11 +1052,9 @@ def _capsule(rng, cx, cy):
 def _render(cat, rng):
     """A clean normal sample: (rgb float image, object coverage or None, background or None)."""
     if cat in ('weave', 'grain'):
-        return (_weave if cat == 'weave' else _grain)(rng), None, None
-    if cat not in ('washer', 'capsule'):
-        raise KeyError(cat)
+        return dict(weave=_weave, grain=_grain)[cat](rng), None, None
     cx, cy = SYN_SIZE / 2 + rng.uniform(-7, 7, 2)                         # +-7 px shifts
-    obj, cover, bg = (_washer if cat == 'washer' else _capsule)(rng, cx, cy)
+    obj, cover, bg = dict(washer=_washer, capsule=_capsule)[cat](rng, cx, cy)
     return bg + (obj - bg) * cover[..., None], cover, bg
 
 
