@@ -38,7 +38,8 @@ No official code exists (the repo holds only a README). Choices where the paper 
     leaves the other channels of a position visible. 'element' is available.
   * gamma(t) of Eq. 11 = min(SNR_t, snr_max), snr_max = 5 (Min-SNR): gamma = 1 on an x0 loss
     weights t ~ 1000 by 1/SNR ~ 2e4, gamma = SNR (the eps loss) explodes on masked positions at
-    small t. Adam lr 1e-3, batch 32 (paper); gradient-norm clip 1 and an EMA teacher (assumed).
+    small t. Adam lr 1e-3, batch 32 (paper), constant (a cosine decay lost on the tiny preset's
+    validation proxy, README); gradient-norm clip 1 and an EMA teacher (assumed).
   * U-Net: guided-diffusion style (ResBlocks, GroupNorm, self-attention at low resolution, zero-
     initialised output). Paper preset mult (1,1,2,2), 2 blocks/level, attention at 8x8 and 4x4,
     8 heads, as InversionAD on the same 272-channel features (OmiAD gives none), but ch 288, not
