@@ -592,6 +592,16 @@ def resume(cfg, Model):
     return model, ckpt
 
 
+def load_optimizer(opt, state):
+    """opt.load_state_dict(state) for a resume: the checkpoint's moments and step counts, but the
+    hyperparameters (lr, betas, weight decay) opt was built with from the config, so that a key typed
+    at --resume (--lr, say) applies, as resume() prints. load_state_dict alone would restore the old ones."""
+    built = [{k: v for k, v in g.items() if k != 'params'} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, hyper in zip(opt.param_groups, built):
+        group.update(hyper)
+
+
 def _restore(path, Model, cfg, ckpt):
     """Model(cfg) holding the checkpoint's weights, or a one-line error if they do not fit."""
     method = method_of(Model)

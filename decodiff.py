@@ -656,7 +656,7 @@ def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg['weight_decay'])
     step, ckpt = 0, run['ckpt']
     if ckpt is not None and ckpt['stage'] == stage_name:
-        opt.load_state_dict(ckpt['opt'])
+        common.load_optimizer(opt, ckpt['opt'])
         step = ckpt['step']
     batches = common.train_batches(data, cfg, step, transform, size_key)
     bar = tqdm(total=steps, initial=step, desc=stage_name, disable=rank != 0, leave=False)

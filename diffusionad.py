@@ -524,7 +524,7 @@ def setup(cfg):
     if ckpt is None:
         return model, opts, 0, 0.0
     for opt, state in zip(opts, (ckpt['opt_unet'], ckpt['opt_seg'])):
-        opt.load_state_dict(state)
+        common.load_optimizer(opt, state)
     return model, opts, ckpt['step'], ckpt['train_seconds']
 
 

@@ -488,7 +488,7 @@ def optimizer_and_ema(model, ckpt):
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['init_lr'], weight_decay=cfg['weight_decay'])
     ema = copy.deepcopy(model.unet).requires_grad_(False)
     if 'opt' in ckpt:
-        opt.load_state_dict(ckpt['opt'])
+        common.load_optimizer(opt, ckpt['opt'])
         ema.load_state_dict(ckpt['ema'])
     return opt, ema
 

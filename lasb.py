@@ -583,7 +583,7 @@ def train_autoencoder(model, data, val, cfg, ckpt, clock):
     path, step = os.path.join(cfg['out_dir'], 'ckpt.pt'), ckpt['step'] if ckpt else 0
     opt = torch.optim.Adam(ae.parameters(), lr=cfg['ae_lr'], betas=(0.5, 0.9))   # LDM's betas
     if ckpt:
-        opt.load_state_dict(ckpt['opt'])
+        common.load_optimizer(opt, ckpt['opt'])
     batches = common.train_batches(data, cfg, step, size_key='ae_batch_size')
     # fixed shapes: with dynamic ones, Inductor failed to compile the decoder (torch 2.14, CPU)
     enc, dec = (torch.compile(m, dynamic=False) if cfg['compile'] else m for m in (ae.encoder, ae.decoder))
@@ -657,7 +657,7 @@ def train_bridge(model, data, cfg, ckpt, clock):
     net.load_state_dict(ckpt['net'] if ckpt else model.unet.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=cfg['lr'], weight_decay=0.0)
     if ckpt:
-        opt.load_state_dict(ckpt['opt'])
+        common.load_optimizer(opt, ckpt['opt'])
     z_train = encode_all(model, data.images, device)    # z0 = E(x) of every training image, once:
     row = {p: i for i, p in enumerate(data.paths)}      # the autoencoder is frozen
     perlin = functools.partial(common.perlin_anomaly, p=cfg['anomaly_p'], beta=cfg['anomaly_beta'],

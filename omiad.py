@@ -548,7 +548,7 @@ def train_amdm(model, cfg, data, x0, state, clock):
     step = 0
     if state:
         ema.load_state_dict(state['ema'])
-        opt.load_state_dict(state['opt'])
+        common.load_optimizer(opt, state['opt'])
         step = state['step']
     batches, tic = feature_batches(model, data, x0, cfg, step), time.time()
     fwd = torch.compile(net) if cfg['compile'] else net     # stage 1 only: stage 2 alternates three nets
@@ -689,8 +689,8 @@ def train_asd(model, cfg, data, val, x0_train, state, clock):
     ref, step = val_error(model, x0_val, eps_val, model.teacher), 0    # teacher one-step error
     if state:
         psi.load_state_dict(state['psi'])
-        opt_g.load_state_dict(state['opt_g'])
-        opt_psi.load_state_dict(state['opt_psi'])
+        common.load_optimizer(opt_g, state['opt_g'])
+        common.load_optimizer(opt_psi, state['opt_psi'])
         step = state['step']
     else:                           # the distilled-at-init model: evaluable, and what a drift stop keeps
         save_asd(model, 0, psi, opt_g, opt_psi, clock())

@@ -1,5 +1,6 @@
 """Tests of common.py: config parsing, data loaders, the frozen benchmark, Perlin synthesis,
 metrics, checkpoints and the deterministic training stream. Offline, CPU, seeded."""
+import copy
 import hashlib
 import os
 import re
@@ -861,3 +862,22 @@ def test_a_checkpoint_with_weights_the_model_does_not_have_is_refused(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(UserError, match=r"does not match .*unexpected \['head.weight'\]"):
         common.load(path, Tiny)
+
+
+def test_load_optimizer_keeps_the_moments_and_takes_the_new_hyperparameters():
+    """A resume with --lr typed: the saved Adam moments and step count, the lr and betas of the
+    optimiser built from the new config (load_state_dict alone brings the old ones back)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    old = torch.optim.Adam([w], lr=1e-3)
+    (w ** 2).sum().backward()
+    old.step()
+    state = copy.deepcopy(old.state_dict())
+    plain = torch.optim.Adam([w], lr=5e-4, betas=(0.5, 0.9))
+    plain.load_state_dict(state)
+    assert plain.param_groups[0]['lr'] == 1e-3                   # why load_optimizer exists
+    new = torch.optim.Adam([w], lr=5e-4, betas=(0.5, 0.9))
+    common.load_optimizer(new, state)
+    assert new.param_groups[0]['lr'] == 5e-4 and new.param_groups[0]['betas'] == (0.5, 0.9)
+    assert new.param_groups[0]['params'] == [w]
+    for k in ('exp_avg', 'exp_avg_sq', 'step'):
+        assert torch.equal(new.state[w][k], old.state[w][k]), k

@@ -356,6 +356,23 @@ def test_exact_resume_across_stages(run, tmp_path, stage):
         assert torch.equal(v, final['psi'][k]), k
 
 
+@pytest.mark.parametrize('stage, key', [(1, 'amdm_lr'), (2, 'asd_lr')])
+def test_a_learning_rate_typed_at_resume_applies(run, tmp_path, stage, key):
+    """--resume --asd_lr X prints 'resuming with asd_lr = X' and must then train at X: loading the
+    optimiser's state restored the checkpoint's lr, and the resumed run was the straight one."""
+    model, _, saved = run
+    shutil.copy(next(p for p in saved if p.endswith(f'.stage{stage}_step2')), tmp_path / 'ckpt.pt')
+    lr = 3 * omiad.config[key]
+    resumed, _ = omiad.train(tiny_cfg(tmp_path, '--resume', f'--{key}', str(lr)))
+    net = 'teacher' if stage == 1 else 'generator'
+    before, after = getattr(model, net).state_dict(), getattr(resumed, net).state_dict()
+    assert not all(torch.equal(v, after[k]) for k, v in before.items())
+    final = common.read_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert final['config'][key] == lr
+    if stage == 2:
+        assert final['opt_g']['param_groups'][0]['lr'] == final['opt_psi']['param_groups'][0]['lr'] == lr
+
+
 def test_drift_monitor_stops_training_and_keeps_the_distilled_at_init_model(tmp_path):
     """The first check (step 2) stops; the checkpoint kept is ASD's start (stage 2, step 0: the
     generator = the EMA teacher), which evaluates, not a stage-1 one with an untrained generator."""

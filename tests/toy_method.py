@@ -47,7 +47,7 @@ def train(cfg):
         model, ckpt = common.resume(cfg, Model)
         cfg = model.cfg
         opt = torch.optim.Adam(model.parameters(), lr=cfg['lr'])
-        opt.load_state_dict(ckpt['opt'])
+        common.load_optimizer(opt, ckpt['opt'])
         step, seconds = ckpt['step'], ckpt['train_seconds']
     data = common.load_dataset(cfg, 'train')
     batches = common.train_batches(data, cfg, step, common.perlin_anomaly if cfg.get('perlin') else None)
