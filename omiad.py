@@ -646,8 +646,9 @@ def check_drift(model, x0_val, eps_val, ref, step):
     if r.item() > cfg['drift_max']:
         raise common.UserError(
             f"the generator drifted: its validation error is {r.item():.2f}x the teacher's at ASD step "
-            f"{step} (> drift_max {cfg['drift_max']}); lower --asd_lr and retrain. The last checkpoint in "
-            f"{cfg['out_dir']} is kept; eval.py CKPT --use_teacher scores the teacher")
+            f"{step} (> drift_max {cfg['drift_max']}). The last checkpoint in {cfg['out_dir']} is kept: "
+            f"continue it with a lower lr (--resume --asd_lr {cfg['asd_lr'] / 2:g}), or score its teacher "
+            "with eval.py CKPT --use_teacher")
     return r.item()
 
 

@@ -376,13 +376,15 @@ def test_a_learning_rate_typed_at_resume_applies(run, tmp_path, stage, key):
 def test_drift_monitor_stops_training_and_keeps_the_distilled_at_init_model(tmp_path):
     """The first check (step 2) stops; the checkpoint kept is ASD's start (stage 2, step 0: the
     generator = the EMA teacher), which evaluates, not a stage-1 one with an untrained generator."""
-    with pytest.raises(common.UserError, match='drifted'):
+    with pytest.raises(common.UserError, match=r'drifted.*continue it with a lower lr \(--resume --asd_lr 5e-06\)'):
         omiad.train(tiny_cfg(tmp_path, '--drift_max', '0.5'))
     with pytest.warns(UserWarning, match='saved at step 0, before training ended'):   # and says so
         model, ckpt = common.load(str(tmp_path / 'ckpt.pt'), omiad.Model)
     assert (ckpt['stage'], ckpt['step']) == (2, 0)
     assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in model.generator.state_dict().items())
     assert torch.isfinite(model.predict(batch(2))['score']).all()
+    resumed, _ = omiad.train(tiny_cfg(tmp_path, '--resume', '--asd_lr', '0', '--drift_max', '1.5'))   # as it says
+    assert all(torch.equal(v, resumed.generator.state_dict()[k]) for k, v in model.generator.state_dict().items())
 
 
 def test_a_stage_1_checkpoint_is_refused_for_evaluation(run):
