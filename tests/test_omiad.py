@@ -358,8 +358,8 @@ def test_exact_resume_across_stages(run, tmp_path, stage):
 
 @pytest.mark.parametrize('stage, key', [(1, 'amdm_lr'), (2, 'asd_lr')])
 def test_a_learning_rate_typed_at_resume_applies(run, tmp_path, stage, key):
-    """--resume --asd_lr X prints 'resuming with asd_lr = X' and must then train at X: loading the
-    optimiser's state restored the checkpoint's lr, and the resumed run was the straight one."""
+    """--resume --asd_lr X prints 'resuming with asd_lr = X' and must then train at X (the optimiser's
+    saved state used to bring the checkpoint's lr back, and the resumed run was the straight one)."""
     model, _, saved = run
     shutil.copy(next(p for p in saved if p.endswith(f'.stage{stage}_step2')), tmp_path / 'ckpt.pt')
     lr = 3 * omiad.config[key]
