@@ -582,14 +582,33 @@ def resume(cfg, Model):
     for key in changed:
         print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
     typed = tuple(dict.fromkeys((*saved.get('cli_keys', ()), *cfg.get('cli_keys', ()))))   # over the run's life
+    new = {**saved, **{k: cfg[k] for k in given if k in cfg}, 'cli_keys': typed}
     try:
-        model = _restore(path, Model, {**saved, **{k: cfg[k] for k in given if k in cfg}, 'cli_keys': typed}, ckpt)
+        model = _restore(path, Model, new, ckpt)
+        if changed:
+            _check_buffers(Model, new, {k: saved[k] for k in changed})
     except UserError as e:
         raise UserError(f"{e} (the network cannot change on --resume; typed: {' '.join('--' + k for k in changed)})"
                         if changed else e)
     print0(f"resuming {path} (preset {saved.get('preset')}) at step {ckpt['step']}" +
            (f" of stage {ckpt['stage']}" if 'stage' in ckpt else ''))
     return model, ckpt
+
+
+def _check_buffers(Model, cfg, old):
+    """Buffers (a diffusion schedule, say) are loaded from the checkpoint, so a typed key that changes
+    one would be printed and saved, yet not used: refuse it. Model(cfg) and Model(cfg with the old
+    values) are built alike (same random init) and their buffers compared."""
+    fresh = []
+    for c in (dict(cfg, **old), cfg):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            fresh.append(dict(Model(c).named_buffers()))
+    same = lambda a, b: a.shape == b.shape and (torch.equal(a, b) or a.is_floating_point() and torch.allclose(
+        a, b, rtol=0, atol=0, equal_nan=True))     # NaN: statistics not computed yet (InversionAD)
+    moved = [n for n, b in fresh[1].items() if n in fresh[0] and not same(b, fresh[0][n])]
+    if moved:
+        raise UserError(f"--resume would keep the checkpoint's {', '.join(moved[:3])}, which the config builds")
 
 
 def load_optimizer(opt, state):

@@ -373,6 +373,15 @@ def test_a_learning_rate_typed_at_resume_applies(run, tmp_path, stage, key):
         assert final['opt_g']['param_groups'][0]['lr'] == final['opt_psi']['param_groups'][0]['lr'] == lr
 
 
+def test_a_key_typed_at_resume_that_changes_a_buffer_is_refused(run, tmp_path):
+    """The schedule abar is a buffer, loaded from the checkpoint: --beta_T typed at --resume would be
+    printed and saved but not used (the saved config would then lie about the model)."""
+    _, _, saved = run
+    shutil.copy(next(p for p in saved if p.endswith('.stage2_step2')), tmp_path / 'ckpt.pt')
+    with pytest.raises(common.UserError, match=r"keep the checkpoint's abar.*typed: --beta_T"):
+        omiad.train(tiny_cfg(tmp_path, '--resume', '--beta_T', '0.03'))
+
+
 def test_drift_monitor_stops_training_and_keeps_the_distilled_at_init_model(tmp_path):
     """The first check (step 2) stops; the checkpoint kept is ASD's start (stage 2, step 0: the
     generator = the EMA teacher), which evaluates, not a stage-1 one with an untrained generator."""
