@@ -584,9 +584,7 @@ def resume(cfg, Model):
     typed = tuple(dict.fromkeys((*saved.get('cli_keys', ()), *cfg.get('cli_keys', ()))))   # over the run's life
     new = {**saved, **{k: cfg[k] for k in given if k in cfg}, 'cli_keys': typed}
     try:
-        model = _restore(path, Model, new, ckpt)
-        if changed:
-            _check_buffers(Model, new, {k: saved[k] for k in changed})
+        model = _restore(path, Model, new, ckpt, old={k: saved[k] for k in changed})
     except UserError as e:
         raise UserError(f"{e} (the network cannot change on --resume; typed: {' '.join('--' + k for k in changed)})"
                         if changed else e)
@@ -595,18 +593,21 @@ def resume(cfg, Model):
     return model, ckpt
 
 
-def _check_buffers(Model, cfg, old):
-    """Buffers (a diffusion schedule, say) are loaded from the checkpoint, so a typed key that changes
-    one would be printed and saved, yet not used: refuse it. Model(cfg) and Model(cfg with the old
-    values) are built alike (same random init) and their buffers compared."""
-    fresh = []
-    for c in (dict(cfg, **old), cfg):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            fresh.append(dict(Model(c).named_buffers()))
-    same = lambda a, b: a.shape == b.shape and (torch.equal(a, b) or a.is_floating_point() and torch.allclose(
-        a, b, rtol=0, atol=0, equal_nan=True))     # NaN: statistics not computed yet (InversionAD)
-    moved = [n for n, b in fresh[1].items() if n in fresh[0] and not same(b, fresh[0][n])]
+def _build(Model, cfg):
+    """Model(cfg) from a fixed seed, so that random buffers (codebooks) come out alike in every build."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Model(cfg)
+
+
+def _check_buffers(model, Model, old_cfg):
+    """Buffers (a diffusion schedule, say) are loaded from the checkpoint, so a key typed at --resume
+    that changes one would be printed and saved, yet not used: refuse it. model is _build(Model, cfg)
+    before the checkpoint is loaded into it; its buffers are compared with those built from old_cfg."""
+    before = dict(_build(Model, old_cfg).named_buffers())
+    same = lambda a, b: a.shape == b.shape and (torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+                                                 if a.is_floating_point() else torch.equal(a, b))   # NaN: unset
+    moved = [n for n, b in model.named_buffers() if n in before and not same(b, before[n])]
     if moved:
         raise UserError(f"--resume would keep the checkpoint's {', '.join(moved[:3])}, which the config builds")
 
@@ -621,8 +622,9 @@ def load_optimizer(opt, state):
         group.update(hyper)
 
 
-def _restore(path, Model, cfg, ckpt):
-    """Model(cfg) holding the checkpoint's weights, or a one-line error if they do not fit."""
+def _restore(path, Model, cfg, ckpt, old=None):
+    """Model(cfg) holding the checkpoint's weights, or a one-line error if they do not fit; old, the
+    saved values of keys typed at --resume, must leave every buffer as it was (_check_buffers)."""
     method = method_of(Model)
     if ckpt['method'] != method:
         raise UserError(f"{path} is a {ckpt['method']} checkpoint; use {ckpt['method']}.py, not {method}.py")
@@ -630,7 +632,9 @@ def _restore(path, Model, cfg, ckpt):
     if new:
         print0(f"note: {path} predates {', '.join('--' + k for k in new)}: it runs with "
                f"{' '.join(f'--{k} {cfg[k]!r}' for k in new)}")
-    model = Model(cfg)
+    model = _build(Model, cfg)
+    if old:
+        _check_buffers(model, Model, dict(cfg, **old))
     try:
         missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     except RuntimeError as e:   # shape mismatches
