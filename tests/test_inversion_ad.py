@@ -22,6 +22,8 @@ TINY = ['--preset', 'tiny', '--category', 'weave', '--backbone', 'pixels', '--im
         '--feature_size', '4', '--ch', '32', '--ch_mult', '1,2', '--attn_ds', '2', '--num_heads', '2',
         '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '0', '--ckpt_interval', '100', '--device', 'cpu']
 
+C = 3 * ia.PRESETS['tiny']['block'] ** 2   # feature channels of the test model: pixels in b x b blocks
+
 
 def tiny_cfg(out_dir, *extra):
     return common.get_config(ia.config, ia.PRESETS, TINY + ['--out_dir', str(out_dir), *extra], ia.__file__)
@@ -110,16 +112,18 @@ def test_bn_recalibration_gives_nondegenerate_features():
         assert torch.equal(a, b)                                              # same features as timm's B4
 
 
-def test_pixels_backbone_features():
-    """'pixels': 4x4 space-to-depth of the (resized) image, each channel standardised per image."""
-    model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], feature_size=4, ch=32)))
-    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))   # 16 = 4g: no resizing
+@pytest.mark.parametrize('b', [4, 2])
+def test_pixels_backbone_features(b):
+    """'pixels': b x b space-to-depth of the (resized) image, each channel standardised per image."""
+    model = ia.Model(dict(ia.config, **dict(ia.PRESETS['tiny'], feature_size=4, ch=32, block=b)))
+    x = torch.rand(3, 3, 4 * b, 4 * b, generator=torch.Generator().manual_seed(0))   # b g: no resizing
     z = model.features(x)
-    assert z.shape == (3, 48, 4, 4) and not list(model.backbone.parameters())
-    u = torch.nn.functional.pixel_unshuffle(model.normalise(x), 4)
-    torch.testing.assert_close(u[0, 16:32, 1, 2], model.normalise(x)[0, 1, 4:8, 8:12].flatten())  # layout
+    assert z.shape == (3, 3 * b * b, 4, 4) and not list(model.backbone.parameters())
+    u = torch.nn.functional.pixel_unshuffle(model.normalise(x), b)
+    patch = model.normalise(x)[0, 1, b:2 * b, 2 * b:3 * b]                    # green, grid cell (1, 2)
+    torch.testing.assert_close(u[0, b * b:2 * b * b, 1, 2], patch.flatten())    # layout
     torch.testing.assert_close(z, (u - u.mean((2, 3), keepdim=True)) / (u.std((2, 3), keepdim=True) + 1e-3))
-    torch.testing.assert_close(z.std((2, 3)), torch.ones(3, 48), atol=1e-2, rtol=0)
+    torch.testing.assert_close(z.std((2, 3)), torch.ones(3, 3 * b * b), atol=1e-2, rtol=0)
     torch.testing.assert_close(model.features(x[1:2]), z[1:2])               # per image: no batch coupling
 
 
@@ -130,7 +134,7 @@ def test_train_step_is_eq_9_and_lowers_the_loss(tmp_path):
     cfg = model.cfg
     ema = copy.deepcopy(model.unet).requires_grad_(False)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg['lr'])
-    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    z0 = torch.randn(8, C, 4, 4, generator=torch.Generator().manual_seed(3))
     g = common.generator(cfg['seed'], 0, 0)                      # step 0's draws, as train_step makes them
     t = torch.randint(0, cfg['T'], (8,), generator=g)
     eps = torch.randn(z0.shape, generator=g)
@@ -281,7 +285,8 @@ def test_cli_errors(tmp_path, monkeypatch):
                            (['--ch', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),
                            (['--attn_ds', '3'], r'--attn_ds must be among \[1, 2\]'),
                            (['--pixel_norm', 'imagnet'], 'imagenet or half'),
-                           (['--score_norm', 'vall'], 'test or val')):
+                           (['--score_norm', 'vall'], 'test or val'),
+                           (['--block', '0'], 'block must be at least 1')):
         with pytest.raises(common.UserError, match=message):             # at once, not at the first step
             ia.Model(tiny_cfg(tmp_path, *flags))
     with monkeypatch.context() as m, pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):
@@ -296,7 +301,7 @@ def test_ema_is_decay_times_old_plus_the_rest_times_new(tmp_path):
     model.cfg['ema_decay'] = 0.9
     ema, before = copy.deepcopy(model.unet).requires_grad_(False), copy.deepcopy(model.unet.state_dict())
     opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-2)
-    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    z0 = torch.randn(8, C, 4, 4, generator=torch.Generator().manual_seed(3))
     ia.train_step(model, model.unet, opt, ema, z0, 0, 100, 0, str(tmp_path / 'ckpt.pt'))
     after = model.unet.state_dict()
     for k, p_ema in ema.named_parameters():
@@ -324,7 +329,7 @@ def test_latent_scores_by_hand():
 def test_the_unet_sees_exactly_the_inversion_timesteps(tmp_path):
     model, seen = random_output_model(tmp_path), []
     model.unet.register_forward_hook(lambda m, args, out: seen.append(args[1].tolist()))
-    z0 = torch.randn(2, 48, 4, 4, generator=torch.Generator().manual_seed(0))
+    z0 = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(0))
     for S in (2, 4):
         seen.clear()
         model.invert(z0, S)
@@ -364,7 +369,7 @@ def test_lr_warmup_then_cosine_closed_form(tmp_path):
                         rel_tol=1e-12)
     model = random_output_model(tmp_path)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=1.0)
-    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    z0 = torch.randn(8, C, 4, 4, generator=torch.Generator().manual_seed(3))
     ia.train_step(model, model.unet, opt, copy.deepcopy(model.unet), z0, 7, total, warmup, str(tmp_path / 'c.pt'))
     assert opt.param_groups[0]['lr'] == ia.lr_at(7, total, warmup, model.cfg)
 
@@ -374,7 +379,7 @@ def test_train_step_clips_the_gradient_norm(tmp_path):
     model = random_output_model(tmp_path)
     model.cfg['grad_clip'] = 1e-3
     opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-3)
-    z0 = torch.randn(8, 48, 4, 4, generator=torch.Generator().manual_seed(3))
+    z0 = torch.randn(8, C, 4, 4, generator=torch.Generator().manual_seed(3))
     ia.train_step(model, model.unet, opt, copy.deepcopy(model.unet), z0, 0, 100, 0, str(tmp_path / 'c.pt'))
     norm = torch.cat([p.grad.flatten() for p in model.unet.parameters() if p.grad is not None]).norm()
     assert abs(norm.item() - 1e-3) < 1e-6
@@ -480,12 +485,13 @@ def test_up_is_nearest_then_conv():
     torch.testing.assert_close(up(x), up.conv(x.repeat_interleave(2, 2).repeat_interleave(2, 3)))
 
 
-def test_pixels_backbone_resizes_with_antialias(tmp_path):
-    """32 px -> 16 = 4g: bilinear, antialiased, then space-to-depth and per-image standardisation."""
-    model = ia.Model(tiny_cfg(tmp_path))
+@pytest.mark.parametrize('b', [4, 2])
+def test_pixels_backbone_resizes_with_antialias(tmp_path, b):
+    """32 px -> b g (16 or 8): bilinear, antialiased, then space-to-depth and per-image standardisation."""
+    model = ia.Model(tiny_cfg(tmp_path, '--block', str(b)))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    small = F.interpolate(model.normalise(x), size=(16, 16), mode='bilinear', antialias=True, align_corners=False)
-    u = F.pixel_unshuffle(small, 4)
+    small = F.interpolate(model.normalise(x), size=(4 * b,) * 2, mode='bilinear', antialias=True, align_corners=False)
+    u = F.pixel_unshuffle(small, b)
     torch.testing.assert_close(model.features(x), (u - u.mean((2, 3), keepdim=True)) /
                                (u.std((2, 3), keepdim=True) + 1e-3))
 
