@@ -276,6 +276,20 @@ def test_calibration_on_too_few_validation_images_warns(trained, capsys):
     assert capsys.readouterr().out == ''
 
 
+def test_a_checkpoint_from_before_block_keeps_its_4x4_blocks(trained, tmp_path, capsys):
+    """A checkpoint saved before --block existed used 4x4 blocks (48 channels): it loads with block 4,
+    not the tiny preset's 2, and predicts exactly as the model it saved."""
+    _, batch, _ = trained
+    model, _ = ia.train(tiny_cfg(tmp_path, '--block', '4'))
+    c = common.read_checkpoint(str(tmp_path / 'ckpt.pt'))
+    del c['config']['block']
+    os.makedirs(tmp_path / 'old')
+    torch.save(c, tmp_path / 'old' / 'ckpt.pt')
+    old, _ = common.load(str(tmp_path / 'old' / 'ckpt.pt'), ia.Model)
+    assert old.cfg['block'] == 4 and 'it runs with --block 4' in capsys.readouterr().out
+    torch.testing.assert_close(old.predict(batch)['map'], model.eval().predict(batch)['map'], rtol=0, atol=0)
+
+
 def test_cli_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='2..10'):
         ia.train(tiny_cfg(tmp_path, '--S', '11'))
