@@ -28,11 +28,12 @@ No official code exists (the repo holds only a README). Choices where the paper 
     subset of training images, saved in the checkpoint.
   * DEVIATION, tiny preset (the offline default): backbone='pixels', a weight-free representation:
     the ImageNet-normalised image resized (antialiased) to 4 feature_size, every 4x4 block stacked into
-    one 48-channel vector (pixel_unshuffle). No pretrained weights are available offline and random
-    EfficientNet features lose the colour/intensity cues the synthetic defects need: a kNN memory
-    bank (an upper bound for any scorer) reaches 69.2 / 76.0 image / pixel AUROC on random B4
-    stages 1-4 (8x8 grid) and 75.6 / 87.0 on stages 1-2 (32x32), but 82.8 / 92.8 on these pixels
-    (lead's probes on the synthetic benchmark). Diffusion, distillation and scoring are unchanged.
+    one 48-channel vector (pixel_unshuffle; --block b for b x b blocks, 3b^2 channels). No
+    pretrained weights are available offline and random EfficientNet features lose the colour/
+    intensity cues the synthetic defects need: a kNN memory bank (an upper bound for any scorer)
+    reaches 69.2 / 76.0 image / pixel AUROC on random B4 stages 1-4 (8x8 grid) and 75.6 / 87.0 on
+    stages 1-2 (32x32), but 82.8 / 92.8 on these pixels (lead's probes on the synthetic benchmark).
+    Diffusion, distillation and scoring are unchanged.
   * Mask (Eq. 6-8): p(t) is the probability to MASK (drop) a position, M = 1 - Bernoulli(p(t));
     one draw per spatial position shared by all channels (mask='spatial'), since an element mask
     leaves the other channels of a position visible. 'element' is available.
@@ -48,12 +49,12 @@ No official code exists (the repo holds only a README). Choices where the paper 
     sqrt((1 - abar)/abar) eps of pure noise in x0_hat, ~107 eps at t_init = 960: a floor of
     ~16 x 11 500 per map position at ch 256. 288 is the narrowest GroupNorm-compatible width >= 272
     (152 M parameters). Model warns when ch x ch_mult[0] < C.
-  * ASD follows SiD/SiDA's code: lr 1e-5, Adam betas (0, 0.999), psi-only warm-up, adversarial
-    term in the generator loss only after adv_start steps, logits clamped to +-10, psi gradients
-    clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf with wf the
-    per-sample mean |x_g - x0_hat_phi| (SiD's normaliser), which makes Eq. 27 identical to SiD's
-    x0-space loss. Algorithm 1 line 13 writes (eps_phi - eps_psi)(eps_psi - eps_t), which differs
-    from Eq. 15/27 by a -||Delta||^2 term: we use Eq. 15/27 (= SiD's code). Eq. 18 as printed
+  * ASD follows SiD/SiDA's code: lr 1e-5 (tiny preset: 2.5e-6, below), Adam betas (0, 0.999),
+    psi-only warm-up, adversarial term in the generator loss only after adv_start steps, logits
+    clamped to +-10, psi gradients clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf
+    with wf the per-sample mean |x_g - x0_hat_phi| (SiD's normaliser), which makes Eq. 27
+    identical to SiD's x0-space loss. Algorithm 1 line 13 writes (eps_phi - eps_psi)(eps_psi -
+    eps_t), which differs from Eq. 15/27 by a -||Delta||^2 term: we use Eq. 15/27 (= SiD's code). Eq. 18 as printed
     (mean D) would push D(x_t) down; we use the non-saturating -log D(x_t) of SiDA. The lambdas of
     Algorithm 1 (garbled in the PDF) are read as lambda_psi^adv = 1 and lambda_theta^adv = 0.01 on
     per-element means, with SiDA's 1/2 on the discriminator loss (so 0.5 in the paper's -Eq. 17);
@@ -85,11 +86,15 @@ No official code exists (the repo holds only a README). Choices where the paper 
     channels, see the paper preset), batch 8, 1200 AMDM steps with EMA 0.99, 100 ASD steps with
     SiDA's ordering scaled down (psi-only for 50 steps, adversarial term from step 75), the drift
     monitor on 64 validation images. At this scale the adversarial term does not move the student
-    (lambda_adv 0 to 1e-2 alike; the discriminator stays at chance), and the generator's validation
-    error rises ~1.25x in its first updates whatever the warm-up (Adam with beta1 = 0 moves every
-    weight by ~lr from the first step while the SiD gradient starts at zero). The default run: 78.7
-    / 84.2 image / pixel AUROC (seeds 0-2: 79.8 / 85.4), 249-252 s on 2 cores; the one-step teacher
-    of the same run 78.4 / 85.9. The README has the measurements.
+    (lambda_adv 0 to 1e-2 alike; the discriminator stays at chance). DEVIATION: ASD lr 2.5e-6, not
+    SiD's 1e-5. Adam with beta1 = 0 moves every weight by ~lr from the first step while the SiD
+    gradient starts at zero, and 100 steps cannot pay that back: at 1e-5 the generator's validation
+    error ended at ~1.25x the teacher's and the student's proxy at 90.4 / 87.0 (seeds 0-2), at 2.5e-6
+    1.06-1.08x and 91.4 / 88.2 (5e-6: 90.8 / 87.9). The default run: 78.0 / 85.6 image / pixel
+    AUROC (seeds 0-2: 79.9 / 86.3), ~4.5 min on 2 cores; the one-step teacher of the same run 78.4 /
+    85.9. --block 2 (2x2 blocks, 12 channels) with --ch 32 --batch_size 24 trains a better teacher in
+    the same time, but its student lost on the proxy at every ASD lr tried (90.1 / 87.1 at 2.5e-6),
+    so the preset keeps 4x4 blocks. The README has the measurements.
   * DEVIATION, tiny preset: the teacher is trained, and ASD draws t, on 0..299 only (amdm_t_max,
     t_max), not on all 1000 steps. Inference queries the teacher at t <= t_init = 100 and ASD now at
     t <= 299, so no step it was not trained on is used; the teacher's quality at t_init is what the
@@ -127,8 +132,9 @@ config = dict(
     batch_size=32,          # global batch, both stages (paper: 32)
     image_size=224,         # backbone input (paper: 224)
     # features
-    backbone='efficientnet_b4',  # efficientnet_b4 (paper: frozen stages 1-4, 272 ch) | pixels (48 ch, no weights)
-    feature_size=32,        # feature grid: every stage map (or 4x4 pixel block) -> S x S, S = feature_size (paper: 32)
+    backbone='efficientnet_b4',  # efficientnet_b4 (paper: frozen stages 1-4, 272 ch) | pixels (3 b^2 ch, no weights)
+    feature_size=32,        # feature grid: every stage map (or pixel block) -> S x S, S = feature_size (paper: 32)
+    block=4,                # pixels only: side b of the blocks stacked into 3 b^2 channels
     bn_images=256,          # training images used for BatchNorm recalibration of a random backbone
     cache_features=True,    # extract training features once (MVTec at 32x32: 4 GB); False: per batch
     feat_norm=False,        # standardise each channel with training-set mean/std (paper: raw features)
@@ -180,11 +186,11 @@ LEGACY = dict(amdm_t_max=999)
 PRESETS = {
     'paper': dict(backbone_weights='timm'),                      # ImageNet B4 (timm cache)
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level
-    # U-Net, t_init chosen on validation Perlin proxies, teacher and ASD on t <= 299 (module docstring)
+    # U-Net, t_init and asd_lr chosen on validation Perlin proxies, teacher and ASD on t <= 299 (docstring)
     'tiny': dict(batch_size=8, image_size=128, backbone='pixels', feature_size=32, ch=64,
                  ch_mult=(1, 1, 2), num_res_blocks=1, attn_res=(8,), num_heads=4, amdm_steps=1200, ema_decay=0.99,
-                 amdm_t_max=299, asd_steps=100, t_init=100, t_max=299, psi_warmup=50, adv_start=75, val_images=64,
-                 log_interval=50, ckpt_interval=250),
+                 amdm_t_max=299, asd_steps=100, asd_lr=2.5e-6, t_init=100, t_max=299, psi_warmup=50, adv_start=75,
+                 val_images=64, log_interval=50, ckpt_interval=250),
 }
 BACKBONE = 'tf_efficientnet_b4.aa_in1k'     # timm weights id (TF-ported, as UniAD's lukemelas B4)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -363,16 +369,16 @@ def bce(logits, target):
 
 class Pixels(nn.Module):
     """The weight-free 'pixels' backbone of the tiny preset: the image resized (antialiased) to
-    4S x 4S and every 4x4 block stacked into one 48-channel vector (space-to-depth), (B, 3, 4S, 4S)
-    -> (B, 48, S, S). No parameters; a module so that it is a network pass like the EfficientNet."""
+    bS x bS and every b x b block stacked into one 3b^2-channel vector (space-to-depth), (B, 3, bS, bS)
+    -> (B, 3b^2, S, S). No parameters; a module so that it is a network pass like the EfficientNet."""
 
-    def __init__(self, S):
+    def __init__(self, S, b):
         super().__init__()
-        self.S = S
+        self.S, self.b = S, b
 
     def forward(self, x):
-        x = F.interpolate(x, size=(4 * self.S, 4 * self.S), mode='bilinear', antialias=True, align_corners=False)
-        return F.pixel_unshuffle(x, 4)
+        x = F.interpolate(x, size=(self.b * self.S,) * 2, mode='bilinear', antialias=True, align_corners=False)
+        return F.pixel_unshuffle(x, self.b)
 
 
 class Model(nn.Module):
@@ -388,7 +394,7 @@ class Model(nn.Module):
                                    f"amdm_t_max) and --teacher_steps in 1..t_init (got {cfg['t_init']} and "
                                    f"{cfg['teacher_steps']})")
         if cfg['backbone'] == 'pixels':
-            self.backbone, C = Pixels(cfg['feature_size']), 48           # 3 x 4 x 4 values per cell
+            self.backbone, C = Pixels(cfg['feature_size'], cfg['block']), 3 * cfg['block'] ** 2   # 48 at b = 4
         else:                                                         # built here, weights set by train()
             self.backbone = timm.create_model(BACKBONE.split('.')[0], pretrained=False, features_only=True,
                                               out_indices=(0, 1, 2, 3)).eval().requires_grad_(False)
@@ -418,10 +424,10 @@ class Model(nn.Module):
     @torch.no_grad()
     def features(self, image):
         """x0 (B, C, S, S), S = feature_size: stage 1-4 maps of the frozen backbone, each resized to S and
-        concatenated (C = 272); or the 48-channel space-to-depth blocks of Pixels."""
+        concatenated (C = 272); or the 3b^2-channel space-to-depth blocks of Pixels (48 at b = 4)."""
         x = (image - self.pixel_mean) / self.pixel_std
         if isinstance(self.backbone, Pixels):
-            x0 = self.backbone(x)                                      # (B, 48, S, S)
+            x0 = self.backbone(x)                                      # (B, 3b^2, S, S)
         else:
             s = self.cfg['feature_size']
             x0 = torch.cat([F.interpolate(m.float(), size=(s, s), mode='bilinear', antialias=True)
@@ -511,7 +517,8 @@ def setup_backbone(model, cfg, dataset):
     """ImageNet weights (weights id + sha256 kept in the config), or random init + BatchNorm
     recalibration on normal training images (the offline default; saved in the checkpoint)."""
     if cfg['backbone'] == 'pixels':
-        cfg['backbone_record'] = dict(id='pixels (4x4 space-to-depth, no weights)', file='', sha256='')
+        b = cfg['block']
+        cfg['backbone_record'] = dict(id=f'pixels ({b}x{b} space-to-depth, no weights)', file='', sha256='')
         return
     if cfg['backbone_weights']:
         cfg['backbone_record'] = common.load_pretrained(model.backbone, BACKBONE, cfg['backbone_weights'])
@@ -720,6 +727,8 @@ def check_config(cfg):
     if cfg['backbone'] == 'pixels' and cfg['backbone_weights']:
         raise common.UserError("--backbone pixels (the tiny preset's) has no weights: add --backbone "
                                'efficientnet_b4 to use --backbone_weights, or drop it')
+    if cfg['block'] < 1:
+        raise common.UserError(f"--block must be at least 1, not {cfg['block']}")
     if cfg['mask'] not in ('spatial', 'element'):
         raise common.UserError(f"--mask must be spatial or element, not {cfg['mask']!r}")
     if not 0 <= cfg['t_max'] <= cfg['amdm_t_max'] < cfg['T']:

@@ -140,15 +140,17 @@ def test_unet_narrower_than_the_features_cannot_span_them(tmp_path):
         omiad.Model(tiny_cfg(tmp_path, '--ch', '32'))
 
 
-def test_pixel_features_are_space_to_depth(tmp_path):
-    """backbone='pixels': x0[:, 16 c + 4 i + j, y, x] = normalised pixel (c, 4 y + i, 4 x + j)."""
-    model = omiad.Model(tiny_cfg(tmp_path))                          # 64 px in, 8x8 grid -> 32 px
+@pytest.mark.parametrize('b', [4, 2])
+def test_pixel_features_are_space_to_depth(tmp_path, b):
+    """backbone='pixels': x0[:, b^2 c + b i + j, y, x] = normalised pixel (c, b y + i, b x + j)."""
+    model = omiad.Model(tiny_cfg(tmp_path, '--block', str(b)))      # 64 px in, 8x8 grid -> 8b px
     image = torch.rand(2, 3, 64, 64)
     x0 = model.features(image)
-    small = F.interpolate((image - model.pixel_mean) / model.pixel_std, size=(32, 32), mode='bilinear',
+    small = F.interpolate((image - model.pixel_mean) / model.pixel_std, size=(8 * b, 8 * b), mode='bilinear',
                           antialias=True, align_corners=False)
-    assert x0.shape == (2, 48, 8, 8) and isinstance(model.backbone, omiad.Pixels)
-    assert torch.equal(x0[:, 16 * 2 + 4 * 1 + 3, 5, 6], small[:, 2, 4 * 5 + 1, 4 * 6 + 3])
+    assert x0.shape == (2, 3 * b * b, 8, 8) and isinstance(model.backbone, omiad.Pixels)
+    assert model.teacher.inp.in_channels == 3 * b * b
+    assert torch.equal(x0[:, b * b * 2 + b * 1 + (b - 1), 5, 6], small[:, 2, b * 5 + 1, b * 6 + b - 1])
 
 
 def test_random_efficientnet_is_bn_recalibrated_and_saved(tmp_path):
@@ -385,7 +387,7 @@ def test_a_key_typed_at_resume_that_changes_a_buffer_is_refused(run, tmp_path):
 def test_drift_monitor_stops_training_and_keeps_the_distilled_at_init_model(tmp_path):
     """The first check (step 2) stops; the checkpoint kept is ASD's start (stage 2, step 0: the
     generator = the EMA teacher), which evaluates, not a stage-1 one with an untrained generator."""
-    with pytest.raises(common.UserError, match=r'drifted.*continue it with a lower lr \(--resume --asd_lr 5e-06\)'):
+    with pytest.raises(common.UserError, match=r'drifted.*continue it with a lower lr \(--resume --asd_lr 1.25e-06\)'):
         omiad.train(tiny_cfg(tmp_path, '--drift_max', '0.5'))
     with pytest.warns(UserWarning, match='saved at step 0, before training ended'):   # and says so
         model, ckpt = common.load(str(tmp_path / 'ckpt.pt'), omiad.Model)
@@ -407,6 +409,8 @@ def test_a_stage_1_checkpoint_is_refused_for_evaluation(run):
 def test_cli_errors(tmp_path):
     with pytest.raises(common.UserError, match='--mask must be spatial or element'):
         omiad.train(tiny_cfg(tmp_path, '--mask', 'patch'))
+    with pytest.raises(common.UserError, match='--block must be at least 1, not 0'):
+        omiad.train(tiny_cfg(tmp_path, '--block', '0'))
     with pytest.raises(common.UserError, match=r'need 0 <= --t_max <= --amdm_t_max <= 999: the teacher is queried'):
         omiad.train(tiny_cfg(tmp_path, '--t_max', '300'))          # the teacher is untrained there
     with pytest.raises(common.UserError, match='did you mean --t_init'):
