@@ -77,9 +77,9 @@ No official code exists (the repo holds only a README). Choices where the paper 
     the one-step teacher): the best image + pixel AUROC among 50..600 there with the first teacher,
     and among 50..400 with the widened one. With the teacher on t <= 299 (below) the teacher's proxy
     prefers 50, but the student distilled at 50 scored 0.2 image AUROC lower on the proxy (seeds
-    0-2, pixel +1.5), and the rule set before those runs kept 100. A Gaussian blur of the map
-    (sigma 2, 4) lowered it, so none is used. eval.py --t_init is meant for the teacher
-    (--use_teacher): the generator was distilled at one t_init only.
+    0-2, pixel +1.5; at ASD lr 2.5e-6: -0.6, +1.6), and the rules set before those runs kept 100.
+    A Gaussian blur of the map (sigma 2, 4) lowered it, so none is used. eval.py --t_init is meant
+    for the teacher (--use_teacher): the generator was distilled at one t_init only.
   * Stage lengths are not given; the paper preset uses 100k AMDM and 20k ASD steps (assumed).
   * Tiny preset (CPU budget ~10 min), every value chosen on that validation proxy, none on the test
     set: 128 px, a 32x32 grid, a 3-level U-Net of width 64/64/128 (3.3 M; at least the 48 pixel
