@@ -54,12 +54,13 @@ No official code exists (the repo holds only a README). Choices where the paper 
     clamped to +-10, psi gradients clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf
     with wf the per-sample mean |x_g - x0_hat_phi| (SiD's normaliser), which makes Eq. 27
     identical to SiD's x0-space loss. Algorithm 1 line 13 writes (eps_phi - eps_psi)(eps_psi -
-    eps_t), which differs from Eq. 15/27 by a -||Delta||^2 term: we use Eq. 15/27 (= SiD's code). Eq. 18 as printed
-    (mean D) would push D(x_t) down; we use the non-saturating -log D(x_t) of SiDA. The lambdas of
-    Algorithm 1 (garbled in the PDF) are read as lambda_psi^adv = 1 and lambda_theta^adv = 0.01 on
-    per-element means, with SiDA's 1/2 on the discriminator loss (so 0.5 in the paper's -Eq. 17);
-    as the score and SiD losses are means too, not the paper's squared-norm sums, both adversarial
-    terms weigh more against them (up to C x S^2 times) than the same lambdas would there.
+    eps_t), which differs from Eq. 15/27 by a -||Delta||^2 term: we use Eq. 15/27 (= SiD's code).
+    Eq. 18 as printed (mean D) would push D(x_t) down; we use the non-saturating -log D(x_t) of
+    SiDA. The lambdas of Algorithm 1 (garbled in the PDF) are read as lambda_psi^adv = 1 and
+    lambda_theta^adv = 0.01 on per-element means, with SiDA's 1/2 on the discriminator loss (so 0.5
+    in the paper's -Eq. 17); as the score and SiD losses are means too, not the paper's squared-norm
+    sums, both adversarial terms weigh more against them (up to C x S^2 times) than the same lambdas
+    would there.
     t ~ U{0..t_max} in both updates follows Algorithm 1 (SiDA draws sigma log-normally in the psi
     update, uniformly in t in the generator's). One data batch per iteration serves both updates
     (x_g computed once, line 4). The generator is used as trained (SiDA also keeps an EMA of it;
