@@ -327,7 +327,9 @@ def q_sample(x0, t, eps, abar):
 
 def predict_x0(x_t, t, eps, abar):
     """Eq. 10: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), in float32 (at t = 960 the
-    division multiplies any rounding error of eps by sqrt((1 - abar)/abar) ~ 107)."""
+    division multiplies any rounding error of eps by sqrt((1 - abar)/abar) ~ 107), so that the
+    conversion adds none. Under --dtype bfloat16 eps arrives rounded by every layer of the network
+    (a random U-Net at t = 960: x0_hat off by 0.29 rms for eps of rms 0.49), and Model warns."""
     a = expand(abar[t])
     return (x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
 
@@ -412,6 +414,11 @@ class Model(nn.Module):
         self.generator = UNet(cfg, C).requires_grad_(False)        # g_theta (initialised from phi)
         betas = torch.linspace(cfg['beta_1'], cfg['beta_T'], cfg['T'], dtype=torch.float64)
         self.register_buffer('abar', torch.cumprod(1 - betas, 0).float())   # \bar\alpha_t, t = 0..T-1
+        k = ((1 - self.abar[cfg['t_init']]) / self.abar[cfg['t_init']]).sqrt().item()
+        if cfg['dtype'] == 'bfloat16' and k >= 10:   # predict_x0: float32 there cannot undo it
+            warnings.warn(f"--dtype bfloat16 at t_init {cfg['t_init']}: the network's eps carries bfloat16 rounding, "
+                          f'which Eq. 10 multiplies by sqrt((1 - abar)/abar) = {k:.0f} and every anomaly map '
+                          'inherits; evaluate in float32')
         self.register_buffer('pixel_mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer('pixel_std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.register_buffer('feat_mean', torch.zeros(1, C, 1, 1))   # set by train() if feat_norm

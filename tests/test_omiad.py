@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import timm
@@ -647,3 +648,15 @@ def test_attention_by_hand_with_contiguous_heads(randomise):
         heads.append((w @ v[:, s].transpose(1, 2)).transpose(1, 2))              # (B, d, HW)
     ref = x + att.proj(torch.cat(heads, 1).view(2, 64, 3, 3))
     torch.testing.assert_close(att(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_warns_where_eq10_amplifies_its_rounding(tmp_path):
+    """At t_init = 960 Eq. 10 multiplies eps's rounding by ~107: bfloat16 must be flagged there, not at
+    the tiny preset's t_init (factor 0.33) and not in float32."""
+    wide = ['--ch', '64', '--amdm_t_max', '999']                      # no width warning
+    with pytest.warns(UserWarning, match=r'bfloat16 at t_init 960.*= 107 '):
+        omiad.Model(tiny_cfg(tmp_path, *wide, '--t_init', '960', '--dtype', 'bfloat16'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        omiad.Model(tiny_cfg(tmp_path, *wide, '--t_init', '100', '--dtype', 'bfloat16'))
+        omiad.Model(tiny_cfg(tmp_path, *wide, '--t_init', '960'))
