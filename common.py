@@ -219,18 +219,21 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
 
 
 def pick_device(name='auto'):
-    if name != 'auto':
-        try:
-            kind = torch.device(name).type
-        except RuntimeError:
-            raise UserError(f'--device {name!r}: use auto, cpu, cuda, cuda:N or mps')
-        available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available()).get(kind, True)
-        if not available:
-            raise UserError(f'--device {name}: no {kind} device here; use --device cpu')
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'mps' if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available() else 'cpu'
+    """The device to run on. On CUDA it also allows TF32 for float32 matmuls and convolutions (faster,
+    float32 range): here, where every entry point (training, eval.py, --predict, --bench) picks its
+    device, so that re-evaluating a checkpoint runs at the precision its training run evaluated at."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise UserError(f'--device {name!r}: use auto, cpu, cuda, cuda:N or mps')
+    if not dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available()).get(kind, True):
+        raise UserError(f'--device {name}: no {kind} device here; use --device cpu')
+    if kind == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return name
 
 
 def seed_everything(seed):
@@ -283,9 +286,6 @@ def dist_setup(cfg):
             torch.cuda.set_device(cfg['device'])
         # ranks > 0 wait in a barrier while rank 0 evaluates, which can outlast the 10-30 min default
         dist.init_process_group('nccl' if 'cuda' in cfg['device'] else 'gloo', timeout=datetime.timedelta(hours=6))
-    if 'cuda' in cfg['device']:
-        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls/convs: float32 range, faster
-        torch.backends.cudnn.allow_tf32 = True
     return rank_world()
 
 

@@ -96,6 +96,19 @@ def test_paper_preset_refused_on_implicit_cpu(monkeypatch, tmp_path):
     assert cfg_of('--data', 'mvtec', '--preset', 'tiny')['device'] == 'cpu'
 
 
+def test_tf32_is_allowed_where_a_cuda_device_is_picked(monkeypatch):
+    """TF32 is set where every entry point picks its device (eval.py and --predict too, which never call
+    dist_setup), so a checkpoint re-evaluated on a GPU runs at the precision its training run evaluated
+    at; never on the CPU."""
+    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):
+        monkeypatch.setattr(flags, 'allow_tf32', False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert common.pick_device() in ('cpu', 'mps') and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert common.pick_device() == 'cuda'
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
 def test_help_lists_every_key_with_default_comment_and_presets(tmp_path, capsys):
     f = tmp_path / 'meth.py'
     f.write_text('config = dict(\n    lr=1e-4,        # AdamW learning rate\n    steps=10,  # optimiser steps\n)\n')
