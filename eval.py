@@ -106,11 +106,11 @@ def _infer(model, dataset, batch_size, size, timer):
         timer['s'], timer['n'], timer['nfe'] = timer['s'] + seconds, timer['n'] + n, out.get('nfe', {})
         m = F.interpolate(out['map'][:, None].float(), size=(size, size), mode='bilinear', align_corners=False)
         outs['map'].append(m[:, 0].cpu().numpy())
-        outs['score'].append(out['score'].double().cpu().numpy())
+        outs['score'].append(out['score'].cpu().double().numpy())
         if 'recon' in out:
             outs['recon'].append(F.interpolate(out['recon'].float(), size=(size, size), mode='bilinear').cpu().numpy())
         for k, v in out.get('scores', {}).items():
-            outs['scores'].setdefault(k, []).append(v.double().cpu().numpy())
+            outs['scores'].setdefault(k, []).append(v.cpu().double().numpy())
         outs['path'] += x['path']
     outs.update({k: np.concatenate(outs[k]) if outs[k] else None for k in ('score', 'map', 'recon')})
     outs['scores'] = {k: np.concatenate(v) for k, v in outs['scores'].items()}
