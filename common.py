@@ -281,6 +281,8 @@ def dist_setup(cfg):
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU); sets cfg['device'] per rank."""
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
         local = int(os.environ.get('LOCAL_RANK', 0))
+        if 'mps' in cfg['device']:       # one Apple GPU per machine, and gloo cannot reduce MPS tensors
+            raise UserError('torchrun on a Mac GPU (mps): run one process (python <method>.py), or add --device cpu')
         if 'cuda' in cfg['device']:
             cfg['device'] = f'cuda:{local}'
             torch.cuda.set_device(cfg['device'])

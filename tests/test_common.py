@@ -109,6 +109,14 @@ def test_tf32_is_allowed_where_a_cuda_device_is_picked(monkeypatch):
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
+def test_torchrun_on_mps_is_a_clear_error(monkeypatch):
+    """gloo cannot all-reduce MPS tensors: refused before a process group is joined."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(UserError, match='torchrun on a Mac GPU'):
+        common.dist_setup({'device': 'mps'})
+    assert not torch.distributed.is_initialized()
+
+
 def test_help_lists_every_key_with_default_comment_and_presets(tmp_path, capsys):
     f = tmp_path / 'meth.py'
     f.write_text('config = dict(\n    lr=1e-4,        # AdamW learning rate\n    steps=10,  # optimiser steps\n)\n')
