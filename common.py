@@ -516,7 +516,9 @@ def write_atomic(path, write, mode='wb'):
 
 def read_checkpoint(path, mmap=False):
     """The checkpoint dict, or a one-line error for a missing, truncated, pickled or foreign file.
-    A run folder stands for its ckpt.pt; mmap=True reads tensors lazily (to look at the config)."""
+    A run folder stands for its ckpt.pt; mmap=True only looks: it keeps the config and the plain
+    entries (step, stage, ...), and no tensor, since a mapped one holds the file, which Windows
+    then cannot replace with the next checkpoint of a resumed run."""
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(path):          # an 'each' run's folder (or its missing ckpt.pt): its members have them
         members = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(path)), '*', 'ckpt.pt')))
@@ -534,6 +536,8 @@ def read_checkpoint(path, mmap=False):
                         're-download it or train again')
     if not isinstance(ckpt, dict) or not {'method', 'config', 'model'} <= set(ckpt):
         raise UserError(f'{path} is not a checkpoint of this project (no method/config/model keys)')
+    if mmap:
+        ckpt = {k: v for k, v in ckpt.items() if k == 'config' or isinstance(v, (bool, int, float, str, type(None)))}
     return current_names(ckpt)
 
 

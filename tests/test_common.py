@@ -691,6 +691,19 @@ def test_save_is_atomic_and_load_restores_and_checks(tmp_path):
         common.load(path, Tiny)
 
 
+def test_a_look_at_a_checkpoint_holds_no_mapped_tensor(tmp_path):
+    """run() keeps a --resume checkpoint read with mmap=True while training saves over it; a mapped tensor
+    would hold the file, which Windows cannot replace. The look keeps the config and plain entries."""
+    path = str(tmp_path / 'ckpt.pt')
+    common.save(path, Tiny(dict(width=2, k=1, preset='tiny')), step=5, stage=2, final=False, train_seconds=1.5,
+                opt={'state': {0: {'exp_avg': torch.ones(2)}}})
+    look = common.read_checkpoint(path, mmap=True)
+    assert {k: look[k] for k in ('method', 'step', 'stage', 'final', 'train_seconds')} == dict(
+        method='test_common', step=5, stage=2, final=False, train_seconds=1.5)
+    assert look['config']['width'] == 2 and not {'model', 'opt', 'versions'} & set(look)
+    assert torch.equal(common.read_checkpoint(path)['opt']['state'][0]['exp_avg'], torch.ones(2))   # full read
+
+
 def test_load_refuses_bad_files(tmp_path):
     with pytest.raises(UserError, match='no checkpoint at'):
         common.load(str(tmp_path / 'none.pt'), Tiny)
