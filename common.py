@@ -287,7 +287,8 @@ def dist_setup(cfg):
             cfg['device'] = f'cuda:{local}'
             torch.cuda.set_device(cfg['device'])
         # ranks > 0 wait in a barrier while rank 0 evaluates, which can outlast the 10-30 min default
-        dist.init_process_group('nccl' if 'cuda' in cfg['device'] else 'gloo', timeout=datetime.timedelta(hours=6))
+        nccl = 'cuda' in cfg['device'] and dist.is_nccl_available()     # Windows builds have no NCCL: gloo
+        dist.init_process_group('nccl' if nccl else 'gloo', timeout=datetime.timedelta(hours=6))
     return rank_world()
 
 
@@ -660,7 +661,7 @@ def versions():   # once per process: every checkpoint save would otherwise run 
     except ImportError:
         timm_version = None
     def git(*args):
-        return subprocess.run(['git', *args], capture_output=True, text=True,
+        return subprocess.run(['git', *args], capture_output=True, encoding='utf-8', errors='replace',
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:   # '-dirty': files differ from that commit or are not in it (a copied method file, say)
         dirty = git('status', '--porcelain')
@@ -726,7 +727,7 @@ def _check_root(data, root):
 
 
 def _images(folder):
-    files = sorted(f for f in glob.glob(os.path.join(folder, '*')) if f.lower().endswith(IMAGE_EXT))
+    files = sorted(f for f in glob.glob(os.path.join(glob.escape(folder), '*')) if f.lower().endswith(IMAGE_EXT))
     if not files:
         raise UserError(f'no images in {folder}')
     return files
@@ -1238,7 +1239,7 @@ _AUGMENTERS = (   # DRAEM's ten colour/geometry augmenters; three are applied in
 
 @functools.lru_cache(maxsize=4)
 def _dtd_files(root):
-    files = sorted(glob.glob(os.path.join(root, 'images', '*', '*.jpg')))
+    files = sorted(glob.glob(os.path.join(glob.escape(root), 'images', '*', '*.jpg')))
     if not files:
         raise UserError(f'no DTD images at {root}/images/*/*.jpg: download DTD from '
                         'https://www.robots.ox.ac.uk/~vgg/data/dtd/ or leave --dtd_root empty')

@@ -216,7 +216,7 @@ def _panel(image, mask, amap, lo, hi, recon=None):
 def write_heatmaps(folder, dataset, outs, n):
     """n panels spread over the category, replacing those of an earlier evaluation."""
     os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(folder, '*.png')):
+    for stale in glob.glob(os.path.join(glob.escape(folder), '*.png')):
         os.remove(stale)
     lo, hi, size = outs['map'].min(), outs['map'].max(), outs['map'].shape[-1]   # one colour scale per category
     for i in np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int)):
@@ -258,7 +258,7 @@ def compare(root):
     preset with several is labelled by the keys that differ. 'each' members fold into their summary."""
     runs, per_run = {}, common.RESUME_KEYS + common.RUNTIME_KEYS + ('seed', 'cli_keys', 'categories', 'backbone_record',
                                                                      'compile', 'log_interval', 'ckpt_interval')
-    for path in sorted(glob.glob(os.path.join(root, '**', 'results.json'), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')   # an 'each' run's, or
         up = json.load(open(parent)) if os.path.isfile(parent) else {}                 # an eval_* folder's run
         if up.get('category') == 'each' and not os.path.relpath(parent, root).startswith('..'):   # a member of a
@@ -308,7 +308,7 @@ def predict(ckpt, image_path, out='', category=''):
     key = common.path_key(image_path, model.cfg['data_root'])         # as evaluation's: its noise, and its name
     o = model.predict(dict(image=x.to(_device(model)), cls=cls, path=[key]))
     amap = o['map'][0].float().cpu().numpy()
-    name = key if '/' in key else '/'.join(os.path.abspath(image_path).split(os.sep)[-2:])    # elsewhere: folder/file
+    name = key if '/' in key else '/'.join(os.path.splitdrive(os.path.abspath(image_path))[1].split(os.sep)[-2:])
     out = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt), 'predict',   # in the run's
                               os.path.splitext(name)[0].replace('/', '_') + '_heatmap.png')        # folder, not here
     panel = _panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap, amap.min(), amap.max())

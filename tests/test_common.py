@@ -475,6 +475,16 @@ def test_dtd_missing_is_a_clear_error(tmp_path):
         rng = np.random.default_rng(s)
         assert common.perlin_anomaly(_sample(), rng, p=1.0, dtd_root=str(tmp_path), dtd_self=1.0)['label'] == 1
 
+def test_folders_with_glob_characters_are_read(tmp_path):
+    """A dataset or DTD folder named like 'mvtec [copy]' is a literal path, not a glob pattern."""
+    folder = tmp_path / 'set [1]'
+    (folder / 'images' / 'banded').mkdir(parents=True)
+    for name in ('a.png', 'images/banded/b.jpg'):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / name)
+    assert common._images(str(folder)) == [str(folder / 'a.png')]
+    assert common._dtd_files(str(folder)) == [str(folder / 'images' / 'banded' / 'b.jpg')]
+
+
 # -----------------------------------------------------------------------------
 # metrics
 
