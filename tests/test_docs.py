@@ -62,9 +62,8 @@ def check_eval(args, monkeypatch):
         if not 2 <= len(positional) <= 3:
             raise UserError('--predict takes CKPT IMAGE [OUT]')
     elif args[0] == '--bench':
-        if args[1] != 'metrics':
-            module = common.import_method(args[1])
-            common._parse_argv([a for a in args[2:] if a != '--networks_only'], module.config)
+        if args[1] != 'metrics':                 # a method's keys and preset
+            check(args[1], [a for a in args[2:] if a != '--networks_only'], monkeypatch)
     elif args[0] == '--baselines':
         monkeypatch.setattr(E, 'baselines', lambda cfg: {})      # parse, fill defaults, compute nothing
         E.run_baselines(args[1:])
