@@ -747,7 +747,7 @@ def _list_mvtec(root, cat, split, good, masks_required):
     records = []
     for kind in sorted(os.listdir(test)):
         for f in _images(os.path.join(test, kind)) if os.path.isdir(os.path.join(test, kind)) else []:
-            if kind == good:
+            if os.path.normcase(kind) == os.path.normcase(good):   # as train/<good> is found on Windows
                 records.append((f, 0, None))
                 continue
             stem = os.path.splitext(os.path.basename(f))[0]
