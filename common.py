@@ -163,6 +163,9 @@ def _check_values(cfg):
     eval.py's overrides), before anything is loaded, trained or evaluated."""
     if cfg.get('dtype', 'float32') not in ('float32', 'bfloat16'):
         raise UserError(f"--dtype must be float32 or bfloat16 (got {cfg['dtype']!r})")
+    mps = 'mps' in str(cfg.get('device'))
+    if cfg.get('dtype') == 'bfloat16' and mps and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UserError('--dtype bfloat16 on a Mac GPU needs macOS 14 (before, MPS autocast falls back to float32)')
     for key, low in (('batch_size', 1), ('image_size', 1), ('heatmaps', 0)):
         if cfg.get(key, low) < low:
             raise UserError(f'--{key} must be at least {low} (got {cfg[key]})')

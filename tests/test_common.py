@@ -117,6 +117,16 @@ def test_torchrun_on_mps_is_a_clear_error(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_bfloat16_on_an_old_mac_gpu_is_an_error(monkeypatch):
+    """Before macOS 14, MPS autocast drops bfloat16 with a warning and runs float32, while results.json would
+    say bfloat16: refused instead."""
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer', lambda major, minor: False)
+    with pytest.raises(UserError, match='needs macOS 14'):
+        common._check_values(dict(dtype='bfloat16', device='mps'))
+    common._check_values(dict(dtype='float32', device='mps'))
+    common._check_values(dict(dtype='bfloat16', device='cpu'))
+
+
 def test_help_lists_every_key_with_default_comment_and_presets(tmp_path, capsys):
     f = tmp_path / 'meth.py'
     f.write_text('config = dict(\n    lr=1e-4,        # AdamW learning rate\n    steps=10,  # optimiser steps\n)\n')
