@@ -229,8 +229,8 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).flatten(2))                                # (B, 3C, HW)
         q, k, v = qkv.reshape(b, 3 * self.heads, c // self.heads, h * w).transpose(2, 3).chunk(3, 1)
-        if x.is_cuda:   # CUDA's fused kernels need each head contiguous, else the math kernel stores HW x HW
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # scores (CPU: as the README's runs)
+        if x.is_cuda:   # fused CUDA kernels need contiguous heads (else: HW x HW scores); CPU as published
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         a = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, HW, C/heads)
         return x + self.proj(a.transpose(2, 3).reshape(b, c, h * w)).reshape(b, c, h, w)
 

@@ -205,8 +205,8 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(1)                  # (B, heads, HW, C/heads) each
-        if x.is_cuda:   # CUDA's fused kernels need each head contiguous, else the math kernel stores HW x HW
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # scores (CPU: as the README's runs)
+        if x.is_cuda:   # fused CUDA kernels need contiguous heads (else: HW x HW scores); CPU as published
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         h = F.scaled_dot_product_attention(q, k, v)
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 

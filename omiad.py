@@ -26,84 +26,69 @@ No official code exists (the repo holds only a README). Choices where the paper 
     channels). The paper preset loads the weights from the timm cache (an error if absent); with
     --backbone_weights '': random init + BatchNorm recalibration on a random (category-mixed)
     subset of training images, saved in the checkpoint.
-  * DEVIATION, tiny preset (the offline default): backbone='pixels', a weight-free representation:
-    the ImageNet-normalised image resized (antialiased) to 4 feature_size, every 4x4 block stacked into
-    one 48-channel vector (pixel_unshuffle; --block b for b x b blocks, 3b^2 channels). No
-    pretrained weights are available offline and random EfficientNet features lose the colour/
-    intensity cues the synthetic defects need: a kNN memory bank (an upper bound for any scorer)
-    reaches 69.2 / 76.0 image / pixel AUROC on random B4 stages 1-4 (8x8 grid) and 75.6 / 87.0 on
-    stages 1-2 (32x32), but 82.8 / 92.8 on these pixels (lead's probes on the synthetic benchmark).
-    Diffusion, distillation and scoring are unchanged.
   * Mask (Eq. 6-8): p(t) is the probability to MASK (drop) a position, M = 1 - Bernoulli(p(t));
     one draw per spatial position shared by all channels (mask='spatial'), since an element mask
     leaves the other channels of a position visible. 'element' is available.
-  * gamma(t) of Eq. 11 = min(SNR_t, snr_max), snr_max = 5 (Min-SNR): gamma = 1 on an x0 loss
-    weights t ~ 1000 by 1/SNR ~ 2e4, gamma = SNR (the eps loss) explodes on masked positions at
-    small t. Adam lr 1e-3, batch 32 (paper), constant (a cosine decay lost on the tiny preset's
-    validation proxy, README); gradient-norm clip 1 and an EMA teacher (assumed).
+  * gamma(t) of Eq. 11 = min(SNR_t, snr_max), snr_max = 5 (Min-SNR): gamma = 1 (a plain x0 loss)
+    weights the eps error at t ~ 1000 by 1/SNR ~ 2e4, gamma = SNR (an eps loss) explodes on masked
+    positions at small t; the cap sits between them.
+  * Teacher training: Adam lr 1e-3, batch 32 (paper), constant; gradient-norm clip 1 and an EMA
+    teacher (assumed). Stage lengths are not given: 100k AMDM and 20k ASD steps (assumed).
   * U-Net: guided-diffusion style (ResBlocks, GroupNorm, self-attention at low resolution, zero-
-    initialised output). Paper preset mult (1,1,2,2), 2 blocks/level, attention at 8x8 and 4x4,
-    8 heads, as InversionAD on the same 272-channel features (OmiAD gives none), but ch 288, not
-    256: every path to the output runs through the ch-wide top level, so a narrower net cannot
-    predict the noise in (C - ch) S^2 of the C S^2 feature directions, and there Eq. 10 leaves
-    sqrt((1 - abar)/abar) eps of pure noise in x0_hat, ~107 eps at t_init = 960: a floor of
-    ~16 x 11 500 per map position at ch 256. 288 is the narrowest GroupNorm-compatible width >= 272
-    (152 M parameters). Model warns when ch x ch_mult[0] < C.
-  * ASD follows SiD/SiDA's code: lr 1e-5 (tiny preset: 2.5e-6, below), Adam betas (0, 0.999),
-    psi-only warm-up, adversarial term in the generator loss only after adv_start steps, logits
-    clamped to +-10, psi gradients clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf
-    with wf the per-sample mean |x_g - x0_hat_phi| (SiD's normaliser), which makes Eq. 27
-    identical to SiD's x0-space loss. Algorithm 1 line 13 writes (eps_phi - eps_psi)(eps_psi -
-    eps_t), which differs from Eq. 15/27 by a -||Delta||^2 term: we use Eq. 15/27 (= SiD's code).
-    Eq. 18 as printed (mean D) would push D(x_t) down; we use the non-saturating -log D(x_t) of
-    SiDA. The lambdas of Algorithm 1 (garbled in the PDF) are read as lambda_psi^adv = 1 and
-    lambda_theta^adv = 0.01 on per-element means, with SiDA's 1/2 on the discriminator loss (so 0.5
-    in the paper's -Eq. 17); as the score and SiD losses are means too, not the paper's squared-norm
-    sums, both adversarial terms weigh more against them (up to C x S^2 times) than the same lambdas
-    would there.
-    t ~ U{0..t_max} in both updates follows Algorithm 1 (SiDA draws sigma log-normally in the psi
-    update, uniformly in t in the generator's). One data batch per iteration serves both updates
-    (x_g computed once, line 4). The generator is used as trained (SiDA also keeps an EMA of it;
-    not done here). Its reconstruction error on the validation split is monitored against the
-    teacher's (one-step, = the generator at initialisation) before every checkpoint; > drift_max x
-    stops training. Gradients are averaged with common.all_reduce_grads, not a DDP wrapper (which
-    fits neither the alternating updates nor the encoder-only discriminator pass), and --compile
-    compiles the stage-1 teacher only, for the same reason.
-  * Inference: fixed per-sample noise (seeded by the image path), map = squared L2 over channels
-    upsampled bilinearly to the input size; image score = max of a 16x16 (at 224 px; scaled with
-    the input size) average-pooled map, as UniAD and HVQ-Trans (same group) score images.
-  * t_init = 960 with ImageNet EfficientNet features (paper; 400 with ResNet): it depends on the
-    feature scale. The tiny preset's 100 (abar = 0.90) was chosen on the validation split only
-    (normal val images plus two Perlin-anomalous copies of each, common.perlin_anomaly, scored by
-    the one-step teacher): the best image + pixel AUROC among 50..600 there with the first teacher,
-    and among 50..400 with the widened one. With the teacher on t <= 299 (below) the teacher's proxy
-    prefers 50, but the student distilled at 50 scored 0.2 image AUROC lower on the proxy (seeds
-    0-2, pixel +1.5; at ASD lr 2.5e-6: -0.6, +1.6), and the rules set before those runs kept 100.
-    A Gaussian blur of the map (sigma 2, 4) lowered it, so none is used. eval.py --t_init is meant
-    for the teacher (--use_teacher): the generator was distilled at one t_init only.
-  * Stage lengths are not given; the paper preset uses 100k AMDM and 20k ASD steps (assumed).
-  * Tiny preset (CPU budget ~10 min), every value chosen on that validation proxy, none on the test
-    set: 128 px, a 32x32 grid, a 3-level U-Net of width 64/64/128 (3.3 M; at least the 48 pixel
-    channels, see the paper preset), batch 8, 1200 AMDM steps with EMA 0.99, 100 ASD steps with
-    SiDA's ordering scaled down (psi-only for 50 steps, adversarial term from step 75), the drift
-    monitor on 64 validation images. At this scale the adversarial term does not move the student
-    (lambda_adv 0 to 1e-2 alike; the discriminator stays at chance). DEVIATION: ASD lr 2.5e-6, not
-    SiD's 1e-5. Adam with beta1 = 0 moves every weight by ~lr from the first step while the SiD
-    gradient starts at zero, and 100 steps cannot pay that back: at 1e-5 the generator's validation
-    error ended at ~1.25x the teacher's and the student's proxy at 90.4 / 87.0 (seeds 0-2), at 2.5e-6
-    1.06-1.08x and 91.4 / 88.2 (5e-6: 90.8 / 87.9). The default run: 78.0 / 85.6 image / pixel
-    AUROC (seeds 0-2: 79.9 / 86.3), ~4.5 min on 2 cores; the one-step teacher of the same run 78.4 /
-    85.9. --block 2 (2x2 blocks, 12 channels) with --ch 32 --batch_size 24 trains a better teacher in
-    the same time, but its student lost on the proxy at every ASD lr tried (90.1 / 87.1 at 2.5e-6),
-    so the preset keeps 4x4 blocks. The README has the measurements.
-  * DEVIATION, tiny preset: the teacher is trained, and ASD draws t, on 0..299 only (amdm_t_max,
-    t_max), not on all 1000 steps. Inference queries the teacher at t <= t_init = 100 and ASD now at
-    t <= 299, so no step it was not trained on is used; the teacher's quality at t_init is what the
-    10-minute budget caps (three times its training samples cleared the pixel bar, see the README),
-    and the same 1200 steps now put 3.3x the samples there. Validation proxy, student image / pixel
-    AUROC, mean of seeds 0-2: 90.4 / 87.0 against 86.4 / 86.0 on all steps (t <= 199: 89.2 / 85.6).
+    initialised output); mult (1,1,2,2), 2 blocks/level, attention at 8x8 and 4x4, 8 heads, as
+    InversionAD on the same features (OmiAD gives none), but ch 288, not 256: every path to the
+    output runs through the ch-wide top level, so a narrower net cannot predict the noise in every
+    feature direction, and in those it misses Eq. 10 leaves sqrt((1 - abar)/abar) eps of pure noise
+    in x0_hat (~107 eps at t_init = 960). 288 is the narrowest GroupNorm-compatible width >= 272
+    (152 M parameters); Model warns below the feature channels.
+  * ASD follows SiD/SiDA's code: lr 1e-5, Adam betas (0, 0.999), psi-only warm-up, adversarial
+    term in the generator loss only after adv_start steps, logits clamped to +-10, psi gradients
+    clipped by value 1. gamma(t) of Eq. 27 = (sigma_t^2/abar_t) / wf with wf the per-sample mean
+    |x_g - x0_hat_phi| (SiD's normaliser) makes Eq. 27 SiD's x0-space loss. Algorithm 1 line 13
+    writes (eps_phi - eps_psi)(eps_psi - eps_t), which differs from Eq. 15/27 by a -||Delta||^2
+    term: we use Eq. 15/27 (= SiD's code). Eq. 18 as printed (mean D) would push D(x_t) down; we
+    use SiDA's non-saturating -log D(x_t), divided by wf as SiDA does. The lambdas of Algorithm 1
+    (garbled in the PDF) are read as lambda_psi^adv = 1 and lambda_theta^adv = 0.01 on per-element
+    means, and the discriminator loss is -Eq. 17 / 2 (SiDA's 1/2); as the score and SiD losses are
+    means too, not the paper's squared-norm sums, both adversarial terms weigh more against them
+    (up to C x S^2 times) than the same lambdas would there. Alg. 1 line 9's gamma(t) on the score
+    loss is taken as 1. t ~ U{0..t_max} in both updates (Algorithm 1; SiDA draws sigma log-normally
+    in the psi update). One data batch per iteration serves both updates (x_g computed once, line
+    4). The generator is used as trained (SiDA also keeps an EMA of it). Its reconstruction error on
+    the validation split is checked against the teacher's one-step error (= the generator before
+    ASD) before every checkpoint; above drift_max x, training stops. Gradients are averaged with
+    common.all_reduce_grads, not a DDP wrapper (which fits neither the alternating updates nor the
+    encoder-only discriminator pass), and --compile compiles the stage-1 teacher only.
+  * Inference: per-sample noise seeded by the image path; map = squared L2 over channels, upsampled
+    bilinearly to the input size, not blurred; image score = max of a 16x16 (at 224 px, scaled with
+    the input size) average-pooled map, as UniAD and HVQ-Trans (same group) score images. t_init =
+    960 with ImageNet EfficientNet features (paper; 400 with ResNet): it depends on the feature
+    scale. eval.py --t_init is meant for the teacher (--use_teacher): the generator was distilled
+    at one t_init, and t_init must stay within amdm_t_max.
+
+Tiny preset (CPU, ~10 min; every value chosen on a validation proxy, the normal validation images
+plus two Perlin-anomalous copies of each, never on the test set; the README has the measurements):
+  * DEVIATION, backbone='pixels', weight-free: the ImageNet-normalised image resized (antialiased)
+    to 4 feature_size, every 4x4 block stacked into one 48-channel vector (pixel_unshuffle; --block
+    b: b x b blocks, 3b^2 channels). Offline there are no pretrained weights, and random
+    EfficientNet features lose the colour/intensity cues the synthetic defects need: a kNN memory
+    bank (an upper bound for any scorer) reaches 69.2 / 76.0 image / pixel AUROC on random B4
+    stages 1-4 and 82.8 / 92.8 on these pixels. 2x2 blocks train a better teacher in the same time,
+    but their student lost on the proxy.
+  * 128 px, a 32x32 grid, a 3-level U-Net 64/64/128 wide (3.3 M; at least the 48 pixel channels, as
+    above), batch 8, 1200 AMDM steps with EMA 0.99, 100 ASD steps with SiDA's ordering scaled down
+    (psi-only for 50 steps, adversarial term from step 75; at this scale it does not move the
+    student), the drift monitor on 64 validation images.
+  * DEVIATION: the teacher is trained, and ASD draws t, on 0..299 only (amdm_t_max, t_max): the
+    generator starts at t_init = 100 and ASD queries t <= 299, so every step used was trained on,
+    and the 1200 steps put 3.3x the samples there (the budget caps the teacher's quality at t_init).
     The paper preset trains on every t, as the paper's DDPM does (its t_init = 960 needs them).
-    eval.py --t_init must stay within amdm_t_max.
+  * DEVIATION: t_init = 100 (abar = 0.90), for these features.
+  * DEVIATION: ASD lr 2.5e-6, not 1e-5. Adam with beta1 = 0 moves every weight by ~lr from the first
+    step while the SiD gradient starts at zero, and 100 steps cannot pay that back: at 1e-5 the
+    generator's validation error ended at ~1.25x the teacher's, at 2.5e-6 at 1.06-1.08x.
+  * Default run: 78.0 / 85.6 image / pixel AUROC (seeds 0-2: 79.9 / 86.3; the one-step teacher of
+    the same run 78.4 / 85.9), 4.6 min on 2 cores of an Intel Xeon, 10 min on an AVX2-only EPYC.
 
 $ python omiad.py                                           # tiny preset, synthetic data, CPU minutes
 $ python omiad.py --data mvtec --backbone_weights timm --train   # paper preset, all 15 classes
@@ -239,8 +224,8 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(1)                  # (B, heads, HW, C/heads)
-        if x.is_cuda:   # CUDA's fused kernels need each head contiguous, else the math kernel stores HW x HW
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # scores (CPU: as the README's runs)
+        if x.is_cuda:   # fused CUDA kernels need contiguous heads (else: HW x HW scores); CPU as published
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         h = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
@@ -328,12 +313,10 @@ def q_sample(x0, t, eps, abar):
 
 
 def predict_x0(x_t, t, eps, abar):
-    """Eq. 10: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), in float32 (at t = 960 the
-    division multiplies any rounding error of eps by sqrt((1 - abar)/abar) ~ 107), so that the
-    conversion adds none. Under --dtype bfloat16 eps arrives rounded by every layer of the network
-    (a random U-Net at t = 960: x0_hat off by 0.29 rms for eps of rms 0.49), and Model warns. TF32,
-    allowed on CUDA (common.pick_device), rounds ~9x less (a paper-size random U-Net: 0.16 rms, bf16
-    1.45); EDM's training loop, SiD's base, turns it off, as NVIDIA_TF32_OVERRIDE=0 does here."""
+    """Eq. 10: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), in float32: at t = 960 the
+    division multiplies any error of eps by sqrt((1 - abar)/abar) ~ 107, so the conversion must add
+    none. It cannot undo the rounding eps arrives with: under --dtype bfloat16 Model warns; TF32
+    (allowed on CUDA, ~9x finer) is turned off by NVIDIA_TF32_OVERRIDE=0 (README: measurements)."""
     a = expand(abar[t])
     return (x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
 
@@ -345,7 +328,8 @@ def mask_prob(t, cfg):
 
 
 def adaptive_mask(shape, t, cfg, gen):
-    """Eq. 8: M(t) = 1 - Bernoulli(p(t)) (1 keeps, 0 masks), one draw per spatial position shared by
+    """Eq. 8 with p(t) read as the masking probability (the paper prints M ~ Bernoulli(p)):
+    M(t) = 1 - Bernoulli(p(t)) (1 keeps, 0 masks), one draw per spatial position shared by
     all channels ('spatial') or one per element ('element'). Drawn on the CPU from gen."""
     B, C, H, W = shape
     u = torch.rand((B, 1 if cfg['mask'] == 'spatial' else C, H, W), generator=gen)
@@ -353,14 +337,16 @@ def adaptive_mask(shape, t, cfg, gen):
 
 
 def sid_loss(eps_phi, eps_psi, eps, t, abar, alpha):
-    """Eq. 27 (= Eq. 15 with Eq. 16) per sample: gamma(t) * [Delta . (eps - eps_phi) - alpha ||Delta||^2]
-    with Delta = eps_psi - eps_phi, averaged over elements. gamma(t) = (sigma_t^2 / abar_t) / wf
-    with wf = mean |x_g - x0_hat_phi| (detached) makes this SiD's x0-space loss
-    (x_r - x_f).((x_r - x_g) - alpha (x_r - x_f)) / wf exactly (x_r, x_f = teacher/student x0)."""
+    """Eq. 27 (= Eq. 15 with Eq. 16): gamma(t) * [Delta . (eps - eps_phi) - alpha ||Delta||^2] with
+    Delta = eps_psi - eps_phi, averaged over elements and samples; returns (loss, wf). With
+    sigma_t = sqrt(1 - abar_t), gamma(t) = (sigma_t^2 / abar_t) / wf, wf = per-sample mean
+    |x_g - x0_hat_phi| (detached; it also scales the adversarial term), makes this SiD's x0-space
+    loss (x_r - x_f).((x_r - x_g) - alpha (x_r - x_f)) / wf exactly (x_r, x_f = teacher/student x0)."""
     a = expand(abar[t])
     k = ((1 - a) / a).sqrt()                                      # sigma_t / sqrt(abar_t)
-    wf = (k * (eps - eps_phi)).abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-5).detach()
-    gamma = k ** 2 / wf                       # wf = mean |x_g - x0_hat_phi| = k mean |eps - eps_phi|
+    x_err = k * (eps - eps_phi)                                   # x_g - x0_hat_phi (Eq. 10)
+    wf = x_err.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-5).detach()
+    gamma = k ** 2 / wf                                           # gamma(t) of Eq. 27
     delta = eps_psi - eps_phi                                     # Eq. 16
     return (gamma * (delta * (eps - eps_phi) - alpha * delta ** 2)).mean(), wf
 
@@ -389,6 +375,8 @@ class Pixels(nn.Module):
 
 
 class Model(nn.Module):
+    """Frozen backbone -> x0; teacher eps_phi (AMDM, stage 1); generator g_theta (ASD, stage 2);
+    predict() = Algorithm 2. The student score psi lives only inside train_asd."""
     INFER_KEYS = ('use_teacher', 'teacher_steps', 'score_kernel', 't_init')
     FINAL_STAGE = 2         # common.load refuses stage-1 checkpoints: the generator is not distilled yet
     SCORE_RULE = 'max of the avg-pooled (16 px at 224) map; map = sum_c (x0 - x0_hat)^2 upsampled'
@@ -447,8 +435,8 @@ class Model(nn.Module):
         return (x0 - self.feat_mean) / self.feat_std               # identity unless feat_norm
 
     def generate(self, net, x0, eps, t_init):
-        """Eq. 12: x_g = g_theta(sqrt(abar) x0 + sqrt(1 - abar) eps) at t_init, one network call.
-        The generator is the teacher's eps-network turned into an x0 prediction (Eq. 10)."""
+        """Eq. 12: x_g = g_theta(sqrt(abar) x0 + sqrt(1 - abar) eps) at t_init, one network call: an
+        eps-network (net: the generator, initialised from phi, or the teacher) read as x0 by Eq. 10."""
         t = torch.full((len(x0),), t_init, device=x0.device, dtype=torch.long)
         x_t = q_sample(x0, t, eps, self.abar)
         with common.autocast(x0.device, self.cfg['dtype']):
@@ -457,7 +445,8 @@ class Model(nn.Module):
 
     def ddim(self, x0, eps):
         """The AMDM teacher alone: deterministic DDIM (eta = 0) from x0 noised at t_init through
-        teacher_steps evenly spaced timesteps; NFE = teacher_steps (1 = the generator's init)."""
+        teacher_steps evenly spaced timesteps; NFE = teacher_steps (1: one Eq. 10 step of the teacher,
+        which is what the generator is before ASD)."""
         K, t_init = self.cfg['teacher_steps'], self.cfg['t_init']
         ts = [round(t_init * (K - i) / K) for i in range(K)]          # t_init, ..., t_init / K
         t = torch.full((len(x0),), ts[0], device=x0.device, dtype=torch.long)
@@ -467,7 +456,7 @@ class Model(nn.Module):
             with common.autocast(x0.device, self.cfg['dtype']):
                 e = self.teacher(x, t).float()
             x0_hat = predict_x0(x, t, e, self.abar)
-            if i + 1 < K:                                             # DDIM step to the next t
+            if i + 1 < K:                            # DDIM (eta = 0): re-noise x0_hat with the predicted eps
                 x = q_sample(x0_hat, torch.full_like(t, ts[i + 1]), e, self.abar)
         return x0_hat
 
@@ -481,8 +470,8 @@ class Model(nn.Module):
             x0_hat, nfe = self.ddim(x0, eps), cfg['teacher_steps']
         else:
             x0_hat, nfe = self.generate(self.generator, x0, eps, cfg['t_init']), 1
-        S = ((x0 - x0_hat) ** 2).sum(1, keepdim=True)                # Alg. 2 line 8, (B, 1, S, S)
-        amap = F.interpolate(S, size=image.shape[-2:], mode='bilinear', align_corners=False)
+        err = ((x0 - x0_hat) ** 2).sum(1, keepdim=True)              # Alg. 2 line 8: the paper's S, (B, 1, S, S)
+        amap = F.interpolate(err, size=image.shape[-2:], mode='bilinear', align_corners=False)
         k = max(1, round(cfg['score_kernel'] * image.shape[-1] / 224))
         score = F.avg_pool2d(amap, k, stride=1).flatten(1).amax(1)    # UniAD's image score
         return dict(map=amap[:, 0], score=score, nfe={'unet': nfe})
@@ -499,7 +488,8 @@ def amdm_loss(model, x0, gen, net=None):
     keep = adaptive_mask(x0.shape, t, cfg, gen)                      # Eq. 8
     eps = torch.randn(x0.shape, generator=gen)
     t, keep, eps = t.to(x0.device), keep.to(x0.device), eps.to(x0.device)
-    x_t = q_sample(x0 * keep, t, eps, abar)                          # Eq. 6 and Eq. 9
+    x_m = x0 * keep                                                  # Eq. 6, M(t) = keep
+    x_t = q_sample(x_m, t, eps, abar)                                # Eq. 9 (the paper's x_m^t)
     with common.autocast(x0.device, cfg['dtype']):
         e = (model.teacher if net is None else net)(x_t, t)     # not `or`: a compiled net has no truth value
     x0_hat = predict_x0(x_t, t, e, abar)                             # Eq. 10
@@ -608,7 +598,8 @@ def val_error(model, x0_val, eps_val, net=None):
 
 
 def psi_update(model, psi, opt, x0, x_g, gen, cfg):
-    """Alg. 1 lines 5-10: student score on generator samples (Eq. 13) + discriminator (Eq. 17)."""
+    """Alg. 1 lines 5-9 up to the step (asd_step takes it after check_finite): student score on
+    generator samples (Eq. 13) + discriminator (Eq. 17)."""
     abar, dev = model.abar, x0.device
     t = torch.randint(0, cfg['t_max'] + 1, (len(x0),), generator=gen).to(dev)
     eps = torch.randn(x0.shape, generator=gen).to(dev)
@@ -616,7 +607,7 @@ def psi_update(model, psi, opt, x0, x_g, gen, cfg):
     with common.autocast(dev, cfg['dtype']):
         eps_psi, d_fake = psi(x_t, t, logits=True)
         d_real = psi.disc(y_t, t)                                      # encoder only
-    loss_score = F.mse_loss(eps_psi.float(), eps)                     # Eq. 13 (gamma = 1)
+    loss_score = F.mse_loss(eps_psi.float(), eps)        # Eq. 13; Alg. 1 line 9's gamma(t) taken as 1
     loss_d = 0.5 * (bce(d_real.float(), 1.0) + bce(d_fake.float(), 0.0)).mean()   # -Eq. 17 / 2 (SiDA)
     loss = loss_score + cfg['lambda_d'] * loss_d
     opt.zero_grad(set_to_none=True)
@@ -638,8 +629,10 @@ def generator_loss(model, psi, x_g, gen, cfg, use_adv):
         eps_phi = model.teacher(x_t, t).float()
         eps_psi, d_fake = psi(x_t, t, logits=True)
     l_sid, wf = sid_loss(eps_phi, eps_psi.float(), eps, t, abar, cfg['alpha'])
-    l_adv = (bce(d_fake.float().clamp(-cfg['logit_clamp'], cfg['logit_clamp']), 1.0) /
-             wf.flatten()).mean() if use_adv else torch.zeros((), device=dev)   # SiDA: / wf
+    l_adv = torch.zeros((), device=dev)
+    if use_adv:                         # Eq. 18 non-saturating: -log D(x_t), per sample / wf (SiDA)
+        logits = d_fake.float().clamp(-cfg['logit_clamp'], cfg['logit_clamp'])
+        l_adv = (bce(logits, 1.0) / wf.flatten()).mean()
     return l_sid + cfg['lambda_adv'] * l_adv, l_sid.detach(), l_adv.detach()
 
 
@@ -700,7 +693,8 @@ def asd_step(model, g, psi, opt_g, opt_psi, x0, gen, step):
 def train_asd(model, cfg, data, val, x0_train, state, clock):
     """Stage 2 (Algorithm 1): alternate psi and generator updates; the teacher stays frozen."""
     rank = common.rank_world()[0]
-    g, psi = model.generator.requires_grad_(True), copy.deepcopy(model.teacher).requires_grad_(True)
+    g = model.generator.requires_grad_(True)                      # theta <- phi: done when stage 1 ended
+    psi = copy.deepcopy(model.teacher).requires_grad_(True)       # Alg. 1 line 2: psi <- phi; D = encoder(psi)
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg['asd_lr'], betas=(0.0, 0.999))    # SiD
     opt_psi = torch.optim.Adam(psi.parameters(), lr=cfg['asd_lr'], betas=(0.0, 0.999))
     val = val.subset(torch.linspace(0, len(val) - 1, min(cfg['val_images'], len(val))).long())
@@ -712,9 +706,9 @@ def train_asd(model, cfg, data, val, x0_train, state, clock):
         common.load_optimizer(opt_g, state['opt_g'])
         common.load_optimizer(opt_psi, state['opt_psi'])
         step = state['step']
-    else:                           # the distilled-at-init model: evaluable, and what a drift stop keeps
+    else:                  # step 0 (generator = teacher, one step): evaluable, and what a drift stop keeps
         save_asd(model, 0, psi, opt_g, opt_psi, clock())
-    batches = feature_batches(model, data, x0_train, cfg, cfg['amdm_steps'] + step)
+    batches = feature_batches(model, data, x0_train, cfg, cfg['amdm_steps'] + step)   # stage 1's stream, continued
     tic, last = time.time(), step
     for step in tqdm(range(step, cfg['asd_steps']), 'ASD', disable=rank > 0, initial=step,
                      total=cfg['asd_steps'], leave=False):
