@@ -49,36 +49,31 @@ def check(script, args, monkeypatch):
 
 
 def check_eval(args, monkeypatch):
-    """eval.py's command line as main() reads it, stopping before anything is loaded or run."""
-    if not args:
-        return                         # python eval.py: its usage
-    if args[0] == '--compare':
-        if len(args) > 2:
-            raise UserError('--compare takes one folder')
-    elif args[0] == '--predict':
-        n = next((i for i, a in enumerate(args) if i and a.startswith('--')), len(args))   # as main()
-        positional, options = args[1:n], args[n:]
-        common._parse_argv(options, {'category': ''})
-        if not 2 <= len(positional) <= 3:
-            raise UserError('--predict takes CKPT IMAGE [OUT]')
-    elif args[0] == '--bench':
-        if args[1] != 'metrics':                 # a method's keys and preset
-            check(args[1], [a for a in args[2:] if a != '--networks_only'], monkeypatch)
-    elif args[0] == '--baselines':
-        monkeypatch.setattr(E, 'baselines', lambda cfg: {})      # parse, fill defaults, compute nothing
-        E.run_baselines(args[1:])
-    else:        # CKPT [keys]: its run folder names the method (out/<method>_...); out/<run>: any method
-        folders = args[0].split('/')
-        methods = [m for m in common.METHODS if any(f.startswith(m + '_') for f in folders)] or common.METHODS
-        errors = []
-        for method in methods:
-            module = common.import_method(method)
+    """eval.py's own main() on these arguments, with what it would load or run replaced by checks."""
+    monkeypatch.setattr(E, 'compare', lambda root: None)
+    monkeypatch.setattr(E, 'predict', lambda ckpt, image, out='', category='': None)
+    monkeypatch.setattr(E, 'bench', lambda method, argv: check(method, [a for a in argv if a != '--networks_only'],
+                                                               monkeypatch))
+    monkeypatch.setattr(E, 'bench_metrics', lambda: None)
+    monkeypatch.setattr(E, 'baselines', lambda cfg: {})          # run_baselines parses, then computes nothing
+    monkeypatch.setattr(E, 'evaluate_checkpoint', inference_keys)
+    E.main(args)
+
+
+def inference_keys(path, argv):
+    """CKPT [keys]: the keys its method's checkpoint may take (INFER_KEYS and run-time keys); the run
+    folder names the method (out/<method>_...), out/<run> may be any."""
+    folders = path.split('/')
+    methods = [m for m in common.METHODS if any(f.startswith(m + '_') for f in folders)] or common.METHODS
+    errors = []
+    for method in methods:
+        module = common.import_method(method)
+        try:
             keys = module.Model.INFER_KEYS + common.RUNTIME_KEYS
-            try:
-                return common._parse_argv(args[1:], {k: module.config[k] for k in keys})
-            except UserError as e:
-                errors.append(f'{method}: {e}')
-        raise UserError('; '.join(errors))
+            return common._parse_argv(argv, {k: module.config[k] for k in keys})
+        except UserError as e:
+            errors.append(f'{method}: {e}')
+    raise UserError('; '.join(errors))
 
 
 COMMANDS = commands()
