@@ -749,8 +749,9 @@ def _list_mvtec(root, cat, split, good, masks_required):
         raise UserError(f"no ground_truth folder in {os.path.join(root, cat)}")
     records = []
     for kind in sorted(os.listdir(test)):
+        normal = os.path.normcase(kind) == os.path.normcase(good)      # 'Good' too where train/good finds it
         for f in _images(os.path.join(test, kind)) if os.path.isdir(os.path.join(test, kind)) else []:
-            if os.path.normcase(kind) == os.path.normcase(good):   # as train/<good> is found on Windows
+            if normal:
                 records.append((f, 0, None))
                 continue
             stem = os.path.splitext(os.path.basename(f))[0]
