@@ -314,12 +314,20 @@ def all_reduce_grads(params):
     world = rank_world()[1]
     if world == 1:
         return
+    buckets, size = [[]], 0             # one collective per ~64 MB of gradients, not one per tensor
     for p in params:
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world
+            if size and size + p.numel() > 2 ** 24:
+                buckets, size = buckets + [[]], 0
+            buckets[-1].append(p.grad)
+            size += p.numel()
+    for grads in (b for b in buckets if b):                   # (empty if nothing trains)
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for g, mean in zip(grads, (flat / world).split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
 
 
 def check_finite(loss, step, ckpt_path):

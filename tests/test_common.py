@@ -524,15 +524,19 @@ def test_pixel_metrics_match_scikit_learn():
     assert m['pixel_f1max'] == pytest.approx(np.max(2 * p * r / np.maximum(p + r, 1e-12)), abs=1e-12)
 
 
-def test_all_reduce_grads_averages_and_counts_a_missing_gradient_as_zero(monkeypatch):
-    # rank 0 of 2; the other rank's gradients are 3 for a and 4 for b (b has none here)
-    other = {}
+def test_all_reduce_grads_averages_in_buckets_and_counts_a_missing_gradient_as_zero(monkeypatch):
+    # rank 0 of 2; every gradient of the other rank is 3 (b has none here, so it counts as 0)
+    calls = []
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 2))
-    monkeypatch.setattr(common.dist, 'all_reduce', lambda t: t.add_(other[t.shape]))
-    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
-    a.grad, other[(2,)], other[(3,)] = torch.tensor([1.0, 2.0]), torch.full((2,), 3.0), torch.full((3,), 4.0)
-    common.all_reduce_grads([a, b])
-    assert torch.equal(a.grad, torch.tensor([2.0, 2.5])) and torch.equal(b.grad, torch.full((3,), 2.0))
+    monkeypatch.setattr(common.dist, 'all_reduce', lambda t: calls.append(t.numel()) or t.add_(3.0))
+    n = 2 ** 23
+    a, b, c = (torch.nn.Parameter(torch.zeros(k)) for k in (n, n, 2))
+    frozen = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+    a.grad, c.grad = torch.full((n,), 1.0), torch.tensor([5.0, 7.0])
+    common.all_reduce_grads([a, frozen, b, c])
+    assert calls == [2 * n, 2]          # a and b fill one bucket of 2^24, c starts the next; frozen skipped
+    assert torch.equal(a.grad, torch.full((n,), 2.0)) and torch.equal(b.grad, torch.full((n,), 1.5))
+    assert torch.equal(c.grad, torch.tensor([4.0, 5.0])) and frozen.grad is None
 
 
 def _aupro_reference(masks, maps, limit):
