@@ -473,7 +473,7 @@ def random_patch_mask(ratio, size, p, gen):
     n = (size/p)^2 patches of side p stay visible (the official random_mask), the rest are noised."""
     B, n = len(ratio), (size // p) ** 2
     visible = torch.floor(n * (1 - ratio)).long()
-    rank = torch.rand(B, n, generator=gen).argsort(1).argsort(1)               # a random order
+    rank = torch.rand(B, n, generator=gen, device=gen.device).argsort(1).argsort(1)   # a random order
     m = (rank < visible[:, None]).float().view(B, 1, size // p, size // p)
     return m.repeat_interleave(p, 2).repeat_interleave(p, 3)
 
@@ -483,7 +483,7 @@ def shuffle_patches(z, p, gen):
     (one permutation over all B * n patches, as the official shuffle_patches)."""
     B, C, H, W = z.shape
     patches = F.unfold(z, p, stride=p).transpose(1, 2).reshape(-1, C * p * p)   # (B n, C p p)
-    patches = patches[torch.randperm(len(patches), generator=gen).to(z.device)]
+    patches = patches[torch.randperm(len(patches), generator=gen, device=gen.device).to(z.device)]
     return F.fold(patches.view(B, -1, C * p * p).transpose(1, 2), (H, W), p, stride=p)
 
 
@@ -502,12 +502,15 @@ def corrector_loss(model, batch, gen, cfg, unet=None):
     dev, T = model.abar.device, cfg['T']
     mean, std, cls = batch['mean'].to(dev), batch['std'].to(dev), batch['cls'].to(dev)
     B, size = len(mean), mean.shape[-1]
-    z0 = mean + std * torch.randn(mean.shape, generator=gen).to(dev)            # posterior sample
-    t = torch.randint(0, T, (B,), generator=gen).to(dev)
-    p = cfg['patch_sizes'][torch.multinomial(torch.tensor(cfg['patch_probs']), 1, generator=gen).item()]
-    m = random_patch_mask(torch.rand(B, generator=gen) * cfg['r_mask'], size, p, gen).to(dev)
-    gauss = random_patch_mask(torch.rand(B, generator=gen) * cfg['r_shuffle'], size, p, gen).to(dev)
-    eps = torch.randn(mean.shape, generator=gen).to(dev)
+    z0 = mean + std * torch.randn(mean.shape, generator=gen, device=gen.device).to(dev)   # posterior sample
+    t = torch.randint(0, T, (B,), generator=gen, device=gen.device).to(dev)
+    probs = torch.tensor(cfg['patch_probs'], device=gen.device)
+    p = cfg['patch_sizes'][torch.multinomial(probs, 1, generator=gen).item()]
+    ratio = torch.rand(B, generator=gen, device=gen.device) * cfg['r_mask']
+    m = random_patch_mask(ratio, size, p, gen).to(dev)
+    ratio = torch.rand(B, generator=gen, device=gen.device) * cfg['r_shuffle']
+    gauss = random_patch_mask(ratio, size, p, gen).to(dev)
+    eps = torch.randn(mean.shape, generator=gen, device=gen.device).to(dev)
     noise = gauss * eps + (1 - gauss) * shuffle_patches(z0, p, gen)             # shuffled-patch noise
     zt, eta = forward_process(z0, t, m, noise, model.abar)
     with common.autocast(dev, cfg['dtype']):
@@ -521,10 +524,10 @@ def autoencoder_loss(model, batch, gen, cfg):
     pixel count for readable logs; one random crop position per batch (cheaper steps)."""
     x = batch['image'].to(model.abar.device) * 2 - 1                          # [-1, 1]
     crop = min(cfg['ae_crop'] or x.shape[-1], x.shape[-1])                   # at most the whole image
-    i, j = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen).tolist()
+    i, j = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen, device=gen.device).tolist()
     x = x[..., i:i + crop, j:j + crop]
     mean, logvar = model.vae.encode(x)
-    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen).to(x.device)
+    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen, device=gen.device).to(x.device)
     kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3))
     rec = (model.vae.decode(z) - x).abs().sum((1, 2, 3))
     return (rec + cfg['ae_kl'] * kl).mean() / x[0].numel()
@@ -667,7 +670,8 @@ def fit(model, stage_name, params, loss_fn, data, cfg, run, schedule, transform=
         for g in opt.param_groups:
             g['lr'] = lr_at(step, steps, lr, min_lr, warmup)
         torch.manual_seed(common.key_seed(cfg['seed'], rank, stage_name, step))   # dropout, if any
-        loss = loss_fn(model, next(batches), common.generator(cfg['seed'], rank, stage_name, step), cfg)
+        gen = common.generator(cfg['seed'], rank, stage_name, step, device=cfg['device'])
+        loss = loss_fn(model, next(batches), gen, cfg)
         common.check_finite(loss, step, run['path'])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -480,10 +480,10 @@ def train_step(net, model, opts, batch, cfg, step):
     dev = cfg['device']
     x, mask, label = model.to_model(batch['image'].to(dev)), batch['mask'][:, 0].to(dev), batch['label'].to(dev)
     B = x.shape[0]
-    g = common.generator(cfg['seed'], rank, step)               # all randomness of this step
-    t_s = torch.randint(0, cfg['tau'], (B,), generator=g).to(dev)
-    t_b = torch.randint(cfg['tau'], cfg['T'], (B,), generator=g).to(dev)
-    eps_s, eps_b = torch.randn((2,) + x.shape, generator=g).to(dev).unbind(0)
+    g = common.generator(cfg['seed'], rank, step, device=dev)   # all randomness of this step
+    t_s = torch.randint(0, cfg['tau'], (B,), generator=g, device=g.device).to(dev)
+    t_b = torch.randint(cfg['tau'], cfg['T'], (B,), generator=g, device=g.device).to(dev)
+    eps_s, eps_b = torch.randn((2,) + x.shape, generator=g, device=g.device).to(dev).unbind(0)
     with common.autocast(dev, cfg['dtype']):
         logits, _, e_s, e_b = net(x, t_s, t_b, eps_s, eps_b)
     l_noise = noise_loss(e_s, e_b, eps_s, eps_b, label)

@@ -550,9 +550,9 @@ def train(cfg):
 def train_step(model, net, opt, ema, z0, step, total, warmup, ckpt_path):
     """One step of Eq. 9: t ~ U{0..T-1}, x_t by Eq. 7, ||eps_theta(x_t, t) - eps||^2, gamma = 1."""
     cfg = model.cfg
-    g = common.generator(cfg['seed'], common.rank_world()[0], step)           # per-step randomness
-    t = torch.randint(0, cfg['T'], (len(z0),), generator=g).to(z0.device)
-    eps = torch.randn(z0.shape, generator=g).to(z0.device)
+    g = common.generator(cfg['seed'], common.rank_world()[0], step, device=z0.device)   # this step's draws
+    t = torch.randint(0, cfg['T'], (len(z0),), generator=g, device=g.device).to(z0.device)
+    eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0.device)
     ab = model.abar[t].view(-1, 1, 1, 1)
     x_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps                              # Eq. 7
     with common.autocast(z0.device, cfg['dtype']):

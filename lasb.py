@@ -273,7 +273,8 @@ class VectorQuantizer(nn.Module):
         self.idle.add_(1).masked_fill_(count > 0, 0)
         dead = self.idle >= self.restart
         if dead.any():
-            pick = flat[torch.randint(len(flat), (int(dead.sum()),), generator=gen).to(flat.device)]
+            rows = torch.randint(len(flat), (int(dead.sum()),), generator=gen, device=gen.device)
+            pick = flat[rows.to(flat.device)]
             self.embed[dead], self.ema_sum[dead], self.ema_count[dead], self.idle[dead] = pick, pick, 1.0, 0.0
             for buf in (self.embed, self.ema_sum, self.ema_count) if dist.is_initialized() else ():
                 dist.broadcast(buf, 0)
@@ -607,7 +608,7 @@ def train_autoencoder(model, data, val, cfg, ckpt, clock):
         loss.backward()
         common.all_reduce_grads(ae.parameters())
         opt.step()
-        ae.vq.update(h.detach(), idx, common.generator(cfg['seed'], rank, 'vq', step))
+        ae.vq.update(h.detach(), idx, common.generator(cfg['seed'], rank, 'vq', step, device=device))
         seconds = progress(cfg, 1, step + 1, cfg['ae_steps'], clock,
                            f'loss {loss.item():.4f} | l1 {l1.item():.4f} | commit {commit.item():.4f} | '
                            f"codes {int((ae.vq.idle == 0).sum())}/{cfg['n_embed']} | lr {cfg['ae_lr']:.1e}")
@@ -673,9 +674,9 @@ def train_bridge(model, data, cfg, ckpt, clock):
     clock.update(step=step, tick=time.time())
     for step in tqdm(range(step, cfg['steps']), desc='stage 2', disable=rank > 0, leave=False):
         z0, z1 = latent_pair(model, next(batches), z_train, row, device)
-        g = common.generator(cfg['seed'], rank, 'bridge', step)
-        n = torch.randint(cfg['T'], (len(z0),), generator=g).to(device)       # uniform steps (I2SB)
-        zt = sb.q_sample(n, z0, z1, torch.randn(z0.shape, generator=g).to(device))   # Eq. 11
+        g = common.generator(cfg['seed'], rank, 'bridge', step, device=device)
+        n = torch.randint(cfg['T'], (len(z0),), generator=g, device=g.device).to(device)   # uniform steps (I2SB)
+        zt = sb.q_sample(n, z0, z1, torch.randn(z0.shape, generator=g, device=g.device).to(device))   # Eq. 11
         with common.autocast(device, cfg['dtype']):
             out = fwd(zt, sb.t_net[n]).float()
         loss = F.mse_loss(out, sb.label(n, z0, zt))                           # Eq. 12

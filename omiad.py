@@ -330,9 +330,9 @@ def mask_prob(t, cfg):
 def adaptive_mask(shape, t, cfg, gen):
     """Eq. 8 with p(t) read as the masking probability (the paper prints M ~ Bernoulli(p)):
     M(t) = 1 - Bernoulli(p(t)) (1 keeps, 0 masks), one draw per spatial position shared by
-    all channels ('spatial') or one per element ('element'). Drawn on the CPU from gen."""
+    all channels ('spatial') or one per element ('element'). Drawn on gen's device."""
     B, C, H, W = shape
-    u = torch.rand((B, 1 if cfg['mask'] == 'spatial' else C, H, W), generator=gen)
+    u = torch.rand((B, 1 if cfg['mask'] == 'spatial' else C, H, W), generator=gen, device=gen.device)
     return (u >= expand(mask_prob(t, cfg))).float().expand(shape)
 
 
@@ -484,9 +484,9 @@ def amdm_loss(model, x0, gen, net=None):
     """Eq. 6-11: mask x0 adaptively, noise it at the same t, reconstruct the UNMASKED x0 (net: the
     teacher, or a compiled wrapper of it)."""
     cfg, abar, B = model.cfg, model.abar, len(x0)
-    t = torch.randint(0, cfg['amdm_t_max'] + 1, (B,), generator=gen)
+    t = torch.randint(0, cfg['amdm_t_max'] + 1, (B,), generator=gen, device=gen.device)
     keep = adaptive_mask(x0.shape, t, cfg, gen)                      # Eq. 8
-    eps = torch.randn(x0.shape, generator=gen)
+    eps = torch.randn(x0.shape, generator=gen, device=gen.device)
     t, keep, eps = t.to(x0.device), keep.to(x0.device), eps.to(x0.device)
     x_m = x0 * keep                                                  # Eq. 6, M(t) = keep
     x_t = q_sample(x_m, t, eps, abar)                                # Eq. 9 (the paper's x_m^t)
@@ -563,7 +563,8 @@ def train_amdm(model, cfg, data, x0, state, clock):
     fwd = torch.compile(net) if cfg['compile'] else net     # stage 1 only: stage 2 alternates three nets
     for step in tqdm(range(step, cfg['amdm_steps']), 'AMDM', disable=rank > 0, initial=step,
                      total=cfg['amdm_steps'], leave=False):
-        loss = amdm_loss(model, next(batches), common.generator(cfg['seed'], rank, 'amdm', step), fwd)
+        gen = common.generator(cfg['seed'], rank, 'amdm', step, device=cfg['device'])
+        loss = amdm_loss(model, next(batches), gen, fwd)
         common.check_finite(loss, step, ckpt_path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -601,8 +602,8 @@ def psi_update(model, psi, opt, x0, x_g, gen, cfg):
     """Alg. 1 lines 5-9 up to the step (asd_step takes it after check_finite): student score on
     generator samples (Eq. 13) + discriminator (Eq. 17)."""
     abar, dev = model.abar, x0.device
-    t = torch.randint(0, cfg['t_max'] + 1, (len(x0),), generator=gen).to(dev)
-    eps = torch.randn(x0.shape, generator=gen).to(dev)
+    t = torch.randint(0, cfg['t_max'] + 1, (len(x0),), generator=gen, device=gen.device).to(dev)
+    eps = torch.randn(x0.shape, generator=gen, device=gen.device).to(dev)
     x_t, y_t = q_sample(x_g, t, eps, abar), q_sample(x0, t, eps, abar)   # the same noise (line 6)
     with common.autocast(dev, cfg['dtype']):
         eps_psi, d_fake = psi(x_t, t, logits=True)
@@ -622,8 +623,8 @@ def psi_update(model, psi, opt, x0, x_g, gen, cfg):
 def generator_loss(model, psi, x_g, gen, cfg, use_adv):
     """Alg. 1 lines 11-13 with Eq. 15/27 (SiD) + the non-saturating form of Eq. 18."""
     abar, dev = model.abar, x_g.device
-    t = torch.randint(0, cfg['t_max'] + 1, (len(x_g),), generator=gen).to(dev)
-    eps = torch.randn(x_g.shape, generator=gen).to(dev)
+    t = torch.randint(0, cfg['t_max'] + 1, (len(x_g),), generator=gen, device=gen.device).to(dev)
+    eps = torch.randn(x_g.shape, generator=gen, device=gen.device).to(dev)
     x_t = q_sample(x_g, t, eps, abar)
     with common.autocast(dev, cfg['dtype']):
         eps_phi = model.teacher(x_t, t).float()
@@ -675,7 +676,7 @@ def asd_step(model, g, psi, opt_g, opt_psi, x0, gen, step):
     warm-up) a generator update; returns the logged losses."""
     cfg, ckpt_path = model.cfg, os.path.join(model.cfg['out_dir'], 'ckpt.pt')
     update_g = step >= cfg['psi_warmup']                          # psi-only warm-up (SiDA)
-    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    eps = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device)
     with torch.set_grad_enabled(update_g):
         x_g = model.generate(g, x0, eps, cfg['t_init'])           # Alg. 1 line 4 (Eq. 12)
     loss_psi, l_score, l_d = psi_update(model, psi, opt_psi, x0, x_g.detach(), gen, cfg)
@@ -712,7 +713,7 @@ def train_asd(model, cfg, data, val, x0_train, state, clock):
     tic, last = time.time(), step
     for step in tqdm(range(step, cfg['asd_steps']), 'ASD', disable=rank > 0, initial=step,
                      total=cfg['asd_steps'], leave=False):
-        gen = common.generator(cfg['seed'], rank, 'asd', step)
+        gen = common.generator(cfg['seed'], rank, 'asd', step, device=cfg['device'])
         l_score, l_d, l_sid, l_adv = asd_step(model, g, psi, opt_g, opt_psi, next(batches), gen, step)
         save = (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['asd_steps']
         if (step + 1) % cfg['log_interval'] == 0 or save:

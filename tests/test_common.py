@@ -635,6 +635,14 @@ def test_generators_and_sample_noise_are_pure_functions_of_keys():
     assert not torch.equal(a[0], common.sample_noise((2, 4), 1, ['a'])[0])   # seed matters
 
 
+def test_a_generator_for_a_cuda_device_lives_there_and_any_other_on_the_cpu(monkeypatch):
+    made, real = [], torch.Generator
+    monkeypatch.setattr(torch, 'Generator', lambda device: made.append(torch.device(device)) or real())
+    for device in ('cpu', 'mps', 'cuda:1', torch.device('cuda')):
+        common.generator(0, 1, device=device)
+    assert made == [torch.device('cpu'), torch.device('cpu'), torch.device('cuda:1'), torch.device('cuda')]
+
+
 def _stream(cfg, start, n, transform=None):
     data = common.load_dataset(cfg, 'train')
     it = common.train_batches(data, cfg, start, transform)

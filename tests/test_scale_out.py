@@ -133,6 +133,38 @@ def test_killed_training_resumes_to_the_same_weights(method, tmp_path):
 
 
 @pytest.mark.parametrize('method', METHODS)
+def test_draws_from_device_generators_name_their_device(method, tmp_path, monkeypatch):
+    """common.generator(..., device='cuda') lives on the GPU, and a draw from it that does not say
+    device=g.device stops there ('Expected a 'cpu' device type for generator'). CI has no GPU, so
+    every randn, rand, randint and randperm from a generator given a device is checked here. Training
+    makes such draws; predict makes none (test-time noise is drawn on the CPU on every device)."""
+    real_generator, given, checked = common.generator, {}, []
+
+    def generator(*keys, device=None):
+        g = real_generator(*keys) if device is None else real_generator(*keys, device=device)
+        if device is not None:
+            given[id(g)] = g                                 # held, so that no other generator gets its id
+        return g
+
+    def checking(name, draw):
+        def checked_draw(*args, **kwargs):
+            if id(kwargs.get('generator')) in given:
+                assert torch.device(kwargs.get('device', 'meta')) == kwargs['generator'].device, \
+                    f'torch.{name} draws from a device generator without device=g.device'
+                checked.append(name)
+            return draw(*args, **kwargs)
+        return checked_draw
+    monkeypatch.setattr(common, 'generator', generator)
+    for name in ('randn', 'rand', 'randint', 'randperm'):
+        monkeypatch.setattr(torch, name, checking(name, getattr(torch, name)))
+    module, cfg = micro_cfg(method, tmp_path)
+    module.train(cfg)
+    trained = len(checked)
+    load_and_predict(method, str(tmp_path / 'ckpt.pt'))
+    assert trained > 0 and len(checked) == trained
+
+
+@pytest.mark.parametrize('method', METHODS)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(method, tmp_path, monkeypatch):
     real_check = common.check_finite
     monkeypatch.setattr(common, 'check_finite', lambda loss, step, path: real_check(
