@@ -662,6 +662,26 @@ def test_training_stream_resumes_exactly_and_covers_epochs():
     assert len(set(paths)) == 144
 
 
+@pytest.mark.parametrize('start', ['fork', 'spawn'])
+def test_worker_processes_load_the_batches_of_the_main_process(start):
+    """--num_workers gives the batches of 0, so the same weights: with fork (Linux) and spawn
+    (macOS, Windows, and forkserver, Python 3.14's default on Linux, which pickles the same way)."""
+    import functools
+    import torch.multiprocessing as mp
+    cfg = dict(_cfg('synthetic', '', 'washer', image_size=32, val_frac=0.1), batch_size=4, device='cpu')
+    synth = functools.partial(common.perlin_anomaly, p=0.5)
+    main = _stream(dict(cfg, num_workers=0), 2, 3, synth)
+    before = mp.get_start_method()
+    mp.set_start_method(start, force=True)
+    try:
+        workers = _stream(dict(cfg, num_workers=2), 2, 3, synth)
+    finally:
+        mp.set_start_method(before, force=True)
+    for a, b in zip(main, workers):
+        assert a['path'] == b['path'] and torch.equal(a['image'], b['image']) and torch.equal(a['mask'], b['mask'])
+    assert sum(b['label'].sum() for b in main) > 0                 # some anomalies were pasted
+
+
 def test_batch_size_must_divide_over_ranks(monkeypatch):
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 2))
     with pytest.raises(UserError, match='--batch_size 3 must be divisible by the 2 ranks'):
