@@ -23,6 +23,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -520,7 +521,8 @@ def save(path, model, **state):
 
 def write_atomic(path, write, mode='wb'):
     """write(f) into a temporary file, then rename it to path: a kill mid-write leaves the previous
-    file intact (checkpoints, results.json)."""
+    file intact (checkpoints, results.json). On Windows the rename fails while another program (a
+    virus scanner, a viewer) has path open: it is retried for ~5 s, then a one-line error."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
@@ -528,7 +530,16 @@ def write_atomic(path, write, mode='wb'):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for wait in (0.1, 0.4, 1.5, 3.0, None):
+            try:
+                os.replace(tmp, path)
+                break
+            except PermissionError as e:
+                if wait is None:
+                    raise UserError(f'cannot replace {path} ({e.strerror}): is it open in another program? '
+                                    'Close it and run again (training: --resume continues from the last '
+                                    'checkpoint)') from None
+                time.sleep(wait)
     finally:                      # an interrupted or failed write leaves no temp file behind
         if os.path.exists(tmp):
             os.remove(tmp)

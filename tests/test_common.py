@@ -743,6 +743,29 @@ def test_save_is_atomic_and_load_restores_and_checks(tmp_path):
         common.load(path, Tiny)
 
 
+def test_a_file_held_open_elsewhere_is_replaced_when_released_or_named_in_an_error(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program has open (PermissionError, as a virus scanner
+    makes for a moment): the rename is retried, and in the end a one-line error keeps the old file."""
+    path, real_replace, waits = str(tmp_path / 'results.json'), os.replace, []
+    common.write_atomic(path, lambda f: f.write('old'), 'w')
+    refusals = iter([PermissionError(13, 'Access is denied')] * 2)
+    def held_twice(a, b):
+        err = next(refusals, None)
+        if err:
+            raise err
+        real_replace(a, b)
+    monkeypatch.setattr(common.time, 'sleep', waits.append)
+    monkeypatch.setattr(common.os, 'replace', held_twice)
+    common.write_atomic(path, lambda f: f.write('new'), 'w')
+    assert open(path).read() == 'new' and waits == [0.1, 0.4] and os.listdir(tmp_path) == ['results.json']
+    def held(a, b):
+        raise PermissionError(13, 'Access is denied')
+    monkeypatch.setattr(common.os, 'replace', held)
+    with pytest.raises(UserError, match=r'cannot replace .*results.json \(Access is denied\): is it open in another'):
+        common.write_atomic(path, lambda f: f.write('newer'), 'w')
+    assert open(path).read() == 'new' and os.listdir(tmp_path) == ['results.json'] and len(waits) == 6
+
+
 def test_a_look_at_a_checkpoint_holds_no_mapped_tensor(tmp_path):
     """run() keeps a --resume checkpoint read with mmap=True while training saves over it; a mapped tensor
     would hold the file, which Windows cannot replace. The look keeps the config and plain entries."""
