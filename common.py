@@ -704,8 +704,11 @@ def versions():   # once per process: every checkpoint save would otherwise run 
     except OSError:
         cpu = ''
     cpu = f'{cpu or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads'
+    # the GPU, if this process used one (CUDA): its model decides the ms/image and the training noise
+    gpu = f'{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}' if torch.cuda.is_initialized() else ''
     return dict(python=sys.version.split()[0], torch=str(torch.__version__), numpy=str(np.__version__),
-                torchvision=str(torchvision.__version__), timm=timm_version, git=commit or 'unknown', cpu=cpu)
+                torchvision=str(torchvision.__version__), timm=timm_version, git=commit or 'unknown', cpu=cpu,
+                gpu=gpu)
 
 # -----------------------------------------------------------------------------
 # data: every sample is a dict(image (3,H,W) in [0,1], mask (1,S,S) in {0,1}, label, cls, path)

@@ -733,7 +733,8 @@ def test_save_is_atomic_and_load_restores_and_checks(tmp_path):
     m2, ckpt = common.load(path, Tiny, {'k': 4})
     assert ckpt['step'] == 5 and ckpt['method'] == 'test_common' and m2.cfg['k'] == 4
     assert torch.equal(m2.lin.weight, m.lin.weight) and torch.equal(m2.stat, m.stat)
-    assert set(ckpt['versions']) >= {'python', 'torch', 'torchvision', 'timm', 'git', 'cpu'}
+    assert set(ckpt['versions']) >= {'python', 'torch', 'torchvision', 'timm', 'git', 'cpu', 'gpu'}
+    assert ckpt['versions']['gpu'] == ''                          # this process used no GPU
     cap = torch.backends.cpu.get_cpu_capability()   # what makes a seed reproduce only on the same kind of CPU
     assert ckpt['versions']['cpu'].endswith(f', {cap}, {torch.get_num_threads()} threads')
     with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of test_common: k'):
