@@ -9,10 +9,9 @@ $ python eval.py --bench omiad --preset paper --device cuda [--networks_only]   
 $ python eval.py --bench metrics                                    # speed of the pixel metrics
 $ python eval.py --baselines --data synthetic                       # the mean and zscore baselines
 
-Protocol: maps are resized bilinearly to eval_size (full image, no crop); masks are resized nearest
-and binarised at 0.5; image labels come from the folders. Image metrics use the model's score;
-pixel metrics use all test pixels of a category, normal images included. AUPRO is the official
-MVTec AD one (limit 0.3). mAD = mean of the seven. Times are the forward pass (predict) only.
+Protocol: maps resized bilinearly to eval_size (no crop), masks nearest (binarised at 0.5); labels from
+the folders. Image metrics use the score, pixel metrics every test pixel of a category (normal images
+too); AUPRO: MVTec AD's (limit 0.3); mAD: the mean of the seven; times: predict on full batches.
 """
 import glob
 import hashlib
@@ -103,7 +102,8 @@ def _infer(model, dataset, batch_size, size, timer):
                 torch.is_tensor(v) and v.shape == (n,) for v in [out.get('score'), *out.get('scores', {}).values()])):
             raise UserError(f"{model.cfg['method']}.predict must return tensors map (B,H,W), score (B,) and scores "
                             f"{{name: (B,)}}; for B = {n}: { {k: getattr(v, 'shape', type(v)) for k, v in out.items()} }")
-        timer['s'], timer['n'], timer['nfe'] = timer['s'] + seconds, timer['n'] + n, out.get('nfe', {})
+        if n == batch_size or timer['n'] == 0:    # a last, smaller batch is a new shape (MPS: a graph build)
+            timer['s'], timer['n'], timer['nfe'] = timer['s'] + seconds, timer['n'] + n, out.get('nfe', {})
         m = F.interpolate(out['map'][:, None].float(), size=(size, size), mode='bilinear', align_corners=False)
         outs['map'].append(m[:, 0].cpu().numpy())
         outs['score'].append(out['score'].cpu().double().numpy())
