@@ -17,10 +17,12 @@ import glob
 import hashlib
 import importlib
 import json
+import math
 import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -42,11 +44,15 @@ class UserError(Exception):
 
 def cli(main):
     """Run main() and turn UserError into a one-line message and a non-zero exit."""
-    try:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill (timeout, a scheduler) unwinds like
+    try:                                                        # Ctrl-C: write_atomic removes its temporary file
         main()
     except UserError as e:   # one raised in a DataLoader worker carries its traceback: keep the last line
         print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted (a training run keeps its last checkpoint: --resume continues from it)', file=sys.stderr)
+        sys.exit(130)
 
 # -----------------------------------------------------------------------------
 # config: every script has one dict of defaults (BASE_CONFIG + its own keys) and two presets
@@ -167,9 +173,15 @@ def _check_values(cfg):
     mps = 'mps' in str(cfg.get('device'))
     if cfg.get('dtype') == 'bfloat16' and mps and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise UserError('--dtype bfloat16 on a Mac GPU needs macOS 14 (before, MPS autocast falls back to float32)')
-    for key, low in (('batch_size', 1), ('image_size', 1), ('heatmaps', 0)):
+    for key, low in (('batch_size', 1), ('image_size', 1), ('heatmaps', 0), ('eval_size', 0), ('num_workers', 0),
+                     ('log_interval', 1), ('ckpt_interval', 1)):
         if cfg.get(key, low) < low:
             raise UserError(f'--{key} must be at least {low} (got {cfg[key]})')
+    if abs(cfg.get('seed', 0)) >= 2 ** 63:                     # torch.manual_seed would overflow
+        raise UserError(f"--seed must lie between -2^63 and 2^63 (got {cfg['seed']})")
+    for key, v in cfg.items():                   # e.g. --lr nan, which Adam would refuse in a traceback
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+            raise UserError(f'--{key} must be a finite number (got {v})')
 
 
 def _check_shared(cfg):
@@ -347,8 +359,9 @@ def check_finite(loss, step, ckpt_path):
     if rank_world()[1] > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        raise UserError(f'loss is not finite at step {step} (here {loss.item()}): training stopped; the '
-                        f'last good checkpoint is {ckpt_path} (lower the learning rate, then --resume)')
+        kept = (f'the last good checkpoint is {ckpt_path} (lower the learning rate, then --resume)' if
+                os.path.exists(ckpt_path) else 'no checkpoint was saved yet (check the learning rate and the config)')
+        raise UserError(f'loss is not finite at step {step} (here {loss.item()}): training stopped; {kept}')
 
 
 def run(cfg, train, Model):
@@ -434,8 +447,10 @@ def _load_finished(c, path, Model):
     results; inference keys and data go through eval.py instead)."""
     ckpt = read_checkpoint(path)        # the run's results come from its finished model only
     if ckpt.get('final') is False:      # (refused here, before load() would warn about it)
+        final = getattr(Model, 'FINAL_STAGE', None)         # eval.py scores none of an earlier stage
+        as_is = f' or evaluate it as it is with python eval.py {path}' if ckpt.get('stage', final) == final else ''
         raise UserError(f"{path} was saved at step {ckpt['step']}, before training ended: finish it "
-                        f'with --resume, or evaluate it as it is with python eval.py {path}')
+                        f'with --resume{"," if as_is else ""}{as_is}')
     model, ckpt = load(path, Model, device=c['device'], ckpt=ckpt)
     changed = {k: c[k] for k in c.get('cli_keys', ()) if (k not in RUNTIME_KEYS + RESUME_KEYS or k in MEASURED_KEYS)
                and c[k] != ckpt['config'].get(k)}
@@ -553,7 +568,7 @@ def read_checkpoint(path, mmap=False):
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(path):          # an 'each' run's folder (or its missing ckpt.pt): its members have them
         members = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(path)), '*', 'ckpt.pt')))
-        if members and os.path.dirname(path):
+        if members and os.path.basename(path) == 'ckpt.pt' and os.path.dirname(path):   # not a mistyped name
             raise UserError(f'no checkpoint in {os.path.dirname(path)}, but in its subfolders (one per category '
                             f'of a --category each run): give one, e.g. {os.path.dirname(members[0])}')
         raise UserError(f'no checkpoint at {path}: train first (--train), or check --out_dir')

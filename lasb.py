@@ -472,6 +472,8 @@ class Model(nn.Module):
         super().__init__()
         if cfg['latent'] not in ('prequant', 'quant'):
             raise common.UserError(f"--latent must be prequant or quant, got {cfg['latent']!r}")
+        if cfg['ae_batch_size'] < 1:
+            raise common.UserError(f"--ae_batch_size must be at least 1 (got {cfg['ae_batch_size']})")
         if not 1 <= cfg['nfe'] < cfg['T'] or cfg['n_samples'] < 1:
             raise common.UserError(f"--nfe must be in 1..{cfg['T'] - 1} and --n_samples >= 1")
         f = 2 ** (len(cfg['ae_mult']) - 1 + len(cfg['ch_mult']) - 1)   # autoencoder, then bridge U-Net

@@ -756,6 +756,10 @@ def train(cfg):
     else:
         model = Model(dict(cfg)).to(cfg['device'])
     cfg = model.cfg
+    key = state and ('amdm_steps' if state['stage'] == 1 else 'asd_steps')    # a stage cannot be shortened
+    if state and state['step'] > cfg[key]:                                     # below what it has trained
+        raise common.UserError(f"--{key} {cfg[key]} is below the {state['step']} steps that stage {state['stage']} "
+                               f"of {cfg['out_dir']} has trained: give at least {state['step']}")
     data = common.load_dataset(cfg, 'train')
     val = common.load_dataset(cfg, 'val')    # for the drift check of stage 2: an empty split fails now
     if state is None:

@@ -63,6 +63,12 @@ def test_config_forms_types_and_presets(capsys):
     (['--batch_size', '0'], '--batch_size must be at least 1'),
     (['--image_size', '0'], '--image_size must be at least 1 (got 0)'),
     (['--heatmaps', '-1'], '--heatmaps must be at least 0 (got -1)'),
+    (['--log_interval', '0'], '--log_interval must be at least 1 (got 0)'),    # a modulo by zero at step 1
+    (['--ckpt_interval', '0'], '--ckpt_interval must be at least 1 (got 0)'),
+    (['--num_workers', '-1'], '--num_workers must be at least 0 (got -1)'),
+    (['--eval_size', '-1'], '--eval_size must be at least 0 (got -1)'),
+    (['--seed', str(2 ** 64)], '--seed must lie between -2^63 and 2^63'),    # torch.manual_seed would overflow
+    (['--lr', 'nan'], '--lr must be a finite number (got nan)'),              # Adam would raise a traceback
     (['--val_frac', '-0.2'], '0 <= val_frac < 1 (got -0.2)'),      # would swap the train and val shares
     (['--train', '--eval'], '--eval only evaluates a saved run: give one of them'),
     (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),
@@ -155,13 +161,27 @@ def test_cli_turns_user_errors_into_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == 'error: no DTD images at d\n'
 
 
+def test_ctrl_c_and_a_kill_end_in_one_line_and_leave_no_temporary_file(capsys, tmp_path):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        common.cli(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err.startswith('interrupted (a training run keeps its last')
+    code = ('import os, signal, common\n'      # SIGTERM (timeout, a scheduler) mid-write: the finally blocks run
+            "common.cli(lambda: common.write_atomic('r.json', lambda f: os.kill(os.getpid(), signal.SIGTERM), 'w'))")
+    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(common.__file__))))
+    assert done.returncode == 143 and os.listdir(tmp_path) == [] and 'Traceback' not in done.stderr, done.stderr
+
+
 def test_a_nan_on_any_rank_stops_every_rank(monkeypatch):
     loss = torch.tensor(0.5)
     common.check_finite(loss, 3, 'ckpt.pt')                              # finite, one process: no error
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 2))
     monkeypatch.setattr(common.dist, 'all_reduce', lambda t, op: t.fill_(1.0))   # rank 1 saw a NaN
-    with pytest.raises(UserError, match='loss is not finite at step 3 .here 0.5.'):
-        common.check_finite(loss, 3, 'ckpt.pt')
+    with pytest.raises(UserError, match='loss is not finite at step 3 .here 0.5.: training stopped; no checkpoint '
+                                        'was saved yet'):                        # (none in this folder)
+        common.check_finite(loss, 3, 'no_such_dir/ckpt.pt')
 
 # -----------------------------------------------------------------------------
 # data loaders on small trees built in tmp_path

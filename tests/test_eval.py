@@ -198,6 +198,9 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
         E.main([str(tmp_path)])                                           # like the folder of an 'each' run
     with pytest.raises(UserError, match=r'no checkpoint in \S+, but in its subfolders'):
         E.main(['--predict', str(tmp_path / 'ckpt.pt'), 'x.png'])         # ... or its missing ckpt.pt
+    for typo in ('nope.pt', 'runn'):                                      # not a pointer to some other run
+        with pytest.raises(UserError, match=r'no checkpoint at \S+' + typo):
+            E.main([str(tmp_path / typo)])
     with pytest.raises(UserError, match='--width cannot change without retraining; inference keys of toy_method: noise'):
         E.main([ckpt, '--width', '4'])
     with pytest.raises(UserError, match='unknown option --S'):

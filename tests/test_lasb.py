@@ -306,6 +306,8 @@ def test_cli_errors(tmp_path, monkeypatch):
         lasb.Model(micro_cfg(tmp_path, '--score_pool', '4'))
     with pytest.raises(common.UserError, match='--image_size 36 must be divisible by 8'):
         lasb.Model(micro_cfg(tmp_path, '--image_size', '36'))
+    with pytest.raises(common.UserError, match='--ae_batch_size must be at least 1 .got 0.'):   # DeCo-Diff's 0 means
+        lasb.Model(micro_cfg(tmp_path, '--ae_batch_size', '0'))                                 # batch_size; not here
     with pytest.raises(common.UserError, match=r'--backbone resnet18 --layers \(5,\): .*feature stages 0-4'):
         lasb.Model(micro_cfg(tmp_path, '--layers', '5'))
     with pytest.raises(common.UserError, match=r"--backbone vit_tiny_patch16_224 .*doesn't match model"):

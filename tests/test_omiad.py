@@ -405,6 +405,17 @@ def test_a_stage_1_checkpoint_is_refused_for_evaluation(run):
     stage1 = next(p for p in run[2] if p.endswith('.stage1_step2'))
     with pytest.raises(common.UserError, match='saved in stage 1 of training.*finish the run with --resume'):
         common.load(stage1, omiad.Model, overrides={'use_teacher': True})
+    with pytest.raises(common.UserError, match='before training ended: finish it with --resume$'):   # not: eval.py,
+        common._load_finished(tiny_cfg(os.path.dirname(stage1)), stage1, omiad.Model)          # which refuses it
+
+
+@pytest.mark.parametrize('stage, key', [(1, 'amdm_steps'), (2, 'asd_steps')])
+def test_a_stage_is_not_shortened_below_what_it_has_trained(run, tmp_path, stage, key):
+    """Stage 1 at step 2 resumed with --amdm_steps 1 would go on to stage 2 while the checkpoint and
+    results.json said the teacher had trained 1 step."""
+    shutil.copy(next(p for p in run[2] if p.endswith(f'.stage{stage}_step2')), tmp_path / 'ckpt.pt')
+    with pytest.raises(common.UserError, match=f'--{key} 1 is below the 2 steps that stage {stage} of .* at least 2'):
+        omiad.train(tiny_cfg(tmp_path, '--resume', f'--{key}', '1'))
 
 
 def test_cli_errors(tmp_path):
