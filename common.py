@@ -587,6 +587,17 @@ def read_checkpoint(path, mmap=False):
     return current_names(ckpt)
 
 
+def read_results(path):
+    """A results.json of this project, in today's key names, or a one-line error that names the file
+    (a truncated one, or another tool's, found by eval.py --compare)."""
+    try:
+        with open(path) as f:
+            return current_names(json.load(f))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f'{path} is not a results.json of this project ({type(e).__name__}: {e}): move it '
+                        'elsewhere') from None
+
+
 def current_names(saved):
     """A checkpoint's or results.json's dict with its config (and cli_keys) in today's key names: a
     method file's RENAMED maps the names of keys it has renamed (old -> new), so that a run saved

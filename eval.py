@@ -260,10 +260,10 @@ def compare(root):
                                                                      'compile', 'log_interval', 'ckpt_interval')
     for path in sorted(glob.glob(os.path.join(glob.escape(root), '**', 'results.json'), recursive=True)):
         parent = os.path.join(os.path.dirname(os.path.dirname(path)), 'results.json')   # an 'each' run's, or
-        up = json.load(open(parent)) if os.path.isfile(parent) else {}                 # an eval_* folder's run
+        up = common.read_results(parent) if os.path.isfile(parent) else {}             # an eval_* folder's run
         if up.get('category') == 'each' and not os.path.relpath(parent, root).startswith('..'):   # a member of a
             continue                                                                  # summary in root: folded in
-        r, tag = common.current_names(json.load(open(path))), os.path.basename(os.path.dirname(path))
+        r, tag = common.read_results(path), os.path.basename(os.path.dirname(path))
         older = tag.startswith('eval_') and up.get('train_seconds', 0) > r['train_seconds']     # NaN: never
         preset = r['preset'] + (f' {tag}' if tag.startswith('eval_') else '') + (   # a re-evaluation, perhaps of a
             ' of an earlier checkpoint' if older else '')             # checkpoint --resume has trained further since

@@ -719,6 +719,11 @@ def test_compare_prints_mean_and_population_std_over_seeds(tmp_path, capsys):
     assert list(rows) == [('no_such_method', 'synthetic', 'weave', 'tiny')]
     line = capsys.readouterr().out.splitlines()[1]
     assert '   60.0+-10.0' in line and '   50.0+-0.0 ' in line
+    os.makedirs(tmp_path / 'other')
+    for text, error in (('{', 'JSONDecodeError'), ('{"a": 1}', "KeyError: 'method'")):   # truncated; another tool's
+        open(tmp_path / 'other' / 'results.json', 'w').write(text)
+        with pytest.raises(UserError, match=rf'other.results.json is not a results.json of this project \({error}'):
+            E.compare(str(tmp_path))
 
 
 def test_a_re_evaluated_checkpoint_reports_its_training_time(tmp_path, monkeypatch):
