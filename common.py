@@ -207,6 +207,10 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         del cli_args['device']
     data = cli_args.get('data', defaults['data'])
     preset = cli_args.get('preset', defaults['preset'])
+    saved = os.path.join(cli_args.get('out_dir', ''), 'ckpt.pt')      # --eval/--resume of a run: its preset
+    known = preset == 'auto' and (cli_args.get('eval') or cli_args.get('resume')) and os.path.isfile(saved)
+    if known:                   # (not the guess from --data, which the run's keys may contradict: that is said)
+        preset = read_checkpoint(saved, mmap=True)['preset']
     if preset == 'auto':
         preset = 'tiny' if data == 'synthetic' else 'paper'
     if preset not in presets:
@@ -217,7 +221,7 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         'out', f"{method}_{cfg['data']}_{cfg['category']}_{preset}_s{cfg['seed']}")
     cfg['device'] = pick_device(cfg['device'])
     _check_shared(cfg)
-    if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args:
+    if preset == 'paper' and cfg['device'] == 'cpu' and 'device' not in cli_args and not known:   # (_check_start)
         if cfg['data'] != 'synthetic' and not (cfg['eval'] or cfg['resume']):
             _check_root(cfg['data'], cfg['data_root'])     # needed on any device: say it first
         raise UserError('the paper preset takes days on a CPU and no GPU was found; use --preset tiny, '

@@ -213,6 +213,8 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--noise', '0.2'])
     with pytest.raises(UserError, match=r"as trained \(data_root 'data/synthetic'\); .* python eval.py \S+ --data_root x"):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--data_root', 'x'])  # not over its results
+    with pytest.raises(UserError, match=r"as trained \(data 'synthetic'\)"):   # its preset, not
+        toy_method.main(['--out_dir', out, '--eval', '--data', 'mvtec'])    # the paper one --data mvtec would pick
     for key, value in (('batch_size', '1'), ('dtype', 'bfloat16')):      # they would change its results
         with pytest.raises(UserError, match=rf'as trained \({key} .*\); .* python eval.py \S+ --{key} {value}'):
             toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', f'--{key}', value])
