@@ -207,10 +207,10 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         del cli_args['device']
     data = cli_args.get('data', defaults['data'])
     preset = cli_args.get('preset', defaults['preset'])
-    saved = os.path.join(cli_args.get('out_dir', ''), 'ckpt.pt')      # --eval/--resume of a run: its preset
+    saved = os.path.join(cli_args['out_dir'], 'ckpt.pt') if cli_args.get('out_dir') else ''   # --eval/--resume:
     known = preset == 'auto' and (cli_args.get('eval') or cli_args.get('resume')) and os.path.isfile(saved)
-    if known:                   # (not the guess from --data, which the run's keys may contradict: that is said)
-        preset = read_checkpoint(saved, mmap=True)['preset']
+    if known:         # the run's preset (not the guess from --data, which its keys may contradict: that is said)
+        preset = read_checkpoint(saved, mmap=True).get('preset', preset)     # (older files: the guess)
     if preset == 'auto':
         preset = 'tiny' if data == 'synthetic' else 'paper'
     if preset not in presets:
