@@ -232,6 +232,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
             print(f'{method}: preset {preset}' + (' (auto)' if auto else ''))
         for key, value in cli_args.items():
             print(f'overriding: {key} = {value!r}')
+        if 'data_root' in cli_args and cfg['data'] == 'synthetic':     # a likely slip: a folder without --data
+            print('note: --data synthetic is generated, not read from --data_root: for your images add --data folder')
     return cfg
 
 # -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def test_config_forms_types_and_presets(capsys):
     assert cfg['out_dir'] == os.path.join('out', 'test_common_synthetic_all_tiny_s0')
     out = capsys.readouterr().out     # --resume: the checkpoint's preset is printed when it is loaded
     assert 'preset tiny' not in out and 'overriding: lr = 0.0003' in out
+    assert 'note: --data synthetic is generated, not read from --data_root' in out     # a folder without --data
     cfg_of('--lr', '3e-4')
     assert 'preset tiny (auto)' in capsys.readouterr().out
     assert cfg_of('--steps', '8')['steps'] == 8                          # command line beats preset
