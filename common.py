@@ -341,16 +341,17 @@ def all_reduce_grads(params):
     world = rank_world()[1]
     if world == 1:
         return
-    buckets, size = [[]], 0             # one collective per ~64 MB of gradients, not one per tensor
+    buckets, size = [], 0               # one collective per ~64 MB of gradients, not one per tensor
     for p in params:
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if size and size + p.numel() > 2 ** 24:
-                buckets, size = buckets + [[]], 0
+            if not buckets or size + p.numel() > 2 ** 24:
+                buckets.append([])
+                size = 0
             buckets[-1].append(p.grad)
             size += p.numel()
-    for grads in (b for b in buckets if b):                   # (empty if nothing trains)
+    for grads in buckets:
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
         for g, mean in zip(grads, (flat / world).split([g.numel() for g in grads])):
@@ -488,7 +489,7 @@ def _resume_each(c, root, cats):
     # an inference key typed: not kept as it was, so that run() refuses it as --eval does
     if os.path.isfile(done) and os.path.isfile(path) and _finished(c, read_checkpoint(path, mmap=True)):
         print0(f"{c['category']}: finished; kept as it was")
-        return c, json.load(open(done))
+        return c, read_results(done)
     siblings = [p for p in (os.path.join(root, k, 'ckpt.pt') for k in cats) if os.path.isfile(p)]
     if path in siblings or not siblings:      # killed in it (or finished, with keys typed now), or none yet
         return c, None
