@@ -174,9 +174,16 @@ def _check_values(cfg):
     if cfg.get('dtype') == 'bfloat16' and mps and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise UserError('--dtype bfloat16 on a Mac GPU needs macOS 14 (before, MPS autocast falls back to float32)')
     for key, low in (('batch_size', 1), ('image_size', 1), ('heatmaps', 0), ('eval_size', 0), ('num_workers', 0),
-                     ('log_interval', 1), ('ckpt_interval', 1)):
-        if cfg.get(key, low) < low:
+                     ('log_interval', 1), ('ckpt_interval', 1), ('T', 1), ('ch', 1), ('num_res_blocks', 0)):
+        if cfg.get(key, low) < low:          # (T, ch, num_res_blocks: every method's schedule and U-Net)
             raise UserError(f'--{key} must be at least {low} (got {cfg[key]})')
+    mult = cfg.get('ch_mult', (1,))
+    if not mult or min(mult) < 1:
+        raise UserError(f"--ch_mult needs one positive multiplier per U-Net level, e.g. 1,2,4 (got {cfg['ch_mult']})")
+    beta = cfg.get('anomaly_beta', ())              # common.perlin_anomaly's keys (DiffusionAD, LASB)
+    if not 0 <= cfg.get('anomaly_p', 0) <= 1 or any(not 0 <= b <= 1 for b in beta) or list(beta) != sorted(beta):
+        raise UserError(f"need 0 <= --anomaly_p <= 1 and an opacity range 0 <= low <= high <= 1 for --anomaly_beta "
+                        f"(got {cfg['anomaly_p']} and {beta})")
     if abs(cfg.get('seed', 0)) >= 2 ** 63:                     # torch.manual_seed would overflow
         raise UserError(f"--seed must lie between -2^63 and 2^63 (got {cfg['seed']})")
     for key, v in cfg.items():                   # e.g. --lr nan, which Adam would refuse in a traceback

@@ -545,11 +545,27 @@ class Model(nn.Module):
         super().__init__()
         if min(cfg['gamma_p'], cfg['gamma_l']) <= 0 or min(cfg['sigma_pix'], cfg['sigma_lat'], cfg['sigma_map']) < 0:
             raise common.UserError('--gamma_p and --gamma_l must be > 0 (map thresholds), the --sigma_* >= 0 (blurs)')
+        levels = [2 ** i for i in range(len(cfg['ch_mult']))]            # downsample factor of each level
+        hd, widths = cfg['head_dim'], [cfg['ch'] * m for m, d in zip(cfg['ch_mult'], levels) if d in cfg['attn_ds']]
+        widths.append(cfg['ch'] * cfg['ch_mult'][-1])                   # the middle block's
+        for bad, fix in ((cfg['attn_ds'] and not set(cfg['attn_ds']) & set(levels),     # a typo: no attention
+                          f"--attn_ds {cfg['attn_ds']} matches none of the U-Net's downsample factors "
+                          f'{tuple(levels)}; --attn_ds= builds no attention'),
+                         (hd < 1 or any(w < hd or w % (w // hd) for w in widths),      # heads = width // hd
+                          f'--head_dim {hd}: each attention width {tuple(widths)} needs at least one head, and '
+                          'width // head_dim heads of equal size'),
+                         (not 0 <= cfg['dropout'] < 1, f"--dropout must lie in [0, 1) (got {cfg['dropout']})")):
+            if bad:
+                raise common.UserError(fix)
         self.cfg = cfg
         sd = cfg['vae'] == 'sd'
         self.vae = AutoencoderKL(*((SD_VAE['channels'], SD_VAE['layers']) if sd else
                                    (cfg['ae_channels'], cfg['ae_res_blocks']))).requires_grad_(False)
-        self.unet = UNet(cfg)
+        try:
+            self.unet = UNet(cfg)
+        except (ValueError, ZeroDivisionError) as e:     # GroupNorm of a width its group count does not divide
+            raise common.UserError(f"--ch {cfg['ch']} --ch_mult {cfg['ch_mult']}: {e} (GroupNorm: use widths that "
+                                   'are multiples of 4, and of 32 from 128 channels up)')
         abar = torch.cumprod(1 - cosine_betas(cfg['T']), 0)
         self.register_buffer('abar', abar.float())                               # \bar\alpha_t
         # latent scale: 0.18215 for the SD VAE, 1/std of the training latents for the small AE
@@ -703,7 +719,7 @@ def setup(cfg):
     if cfg['vae'] == 'sd' and not cfg['vae_weights'] and not resume:
         raise common.UserError('--vae sd needs --vae_weights: a local copy of stabilityai/sd-vae-ft-ema '
                                '(diffusion_pytorch_model.safetensors), or use --vae small')
-    if any(latent % p for p in cfg['patch_sizes']) or len(cfg['patch_sizes']) != len(cfg['patch_probs']):
+    if any(p < 1 or latent % p for p in cfg['patch_sizes']) or len(cfg['patch_sizes']) != len(cfg['patch_probs']):
         raise common.UserError(f"--patch_sizes {cfg['patch_sizes']} must divide the latent size {latent} "
                                'and match --patch_probs in length')
     respaced(cfg['T'], cfg['S'])

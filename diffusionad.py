@@ -374,9 +374,28 @@ class Model(nn.Module):
         if len(cfg['betas']) != 2 or len(cfg['anomaly_beta']) != 2:
             raise common.UserError(f"--betas and --anomaly_beta take two values, e.g. --anomaly_beta 0.2,0.8 (got "
                                    f"{cfg['betas']} and {cfg['anomaly_beta']})")
+        (b_1, b_T), levels = cfg['betas'], [cfg['image_size'] >> i for i in range(len(cfg['ch_mult']))]
+        widths = [cfg['ch'] * m for m, r in zip(cfg['ch_mult'], levels) if r in cfg['attn_res']]   # with attention,
+        widths.append(cfg['ch'] * cfg['ch_mult'][-1])                                          # the middle's too
+        for bad, fix in ((not 0 < b_1 <= b_T < cfg['T'] / 1000, '--betas need 0 < first <= last < T / 1000 (they '
+                          f"are scaled by 1000 / T; got {cfg['betas']})"),
+                         (not 0 < cfg['tau'] < cfg['T'], f"--tau must lie in 1..{cfg['T'] - 1} (got {cfg['tau']})"),
+                         (cfg['attn_res'] and not set(cfg['attn_res']) & set(levels),     # a typo: no attention
+                          f"--attn_res {cfg['attn_res']} matches none of the U-Net's resolutions {tuple(levels)}; "
+                          '--attn_res= builds no attention'),
+                         (cfg['num_heads'] < 1 or any(w % cfg['num_heads'] for w in widths),
+                          f"--num_heads {cfg['num_heads']} must divide each attention width {tuple(widths)}"),
+                         (cfg['seg_ch'] < 1 or cfg['seg_levels'] < 2 or not 0 <= cfg['seg_prior'] < 1,
+                          'need --seg_ch >= 1, --seg_levels >= 2 and 0 <= --seg_prior < 1')):
+            if bad:
+                raise common.UserError(fix)
         self.cfg = cfg
-        self.unet = UNet(cfg['image_size'], cfg['ch'], cfg['ch_mult'], cfg['num_res_blocks'],
-                         cfg['attn_res'], cfg['num_heads'])
+        try:
+            self.unet = UNet(cfg['image_size'], cfg['ch'], cfg['ch_mult'], cfg['num_res_blocks'],
+                             cfg['attn_res'], cfg['num_heads'])
+        except (ValueError, ZeroDivisionError) as e:     # GroupNorm of a width its group count does not divide
+            raise common.UserError(f"--ch {cfg['ch']} --ch_mult {cfg['ch_mult']}: {e} (GroupNorm: use widths that "
+                                   'are multiples of 4, and of 32 from 128 channels up)')
         self.seg = SegNet(cfg['seg_ch'], cfg['seg_levels'], cfg['seg_prior'])
         self.register_buffer('abar', linear_abar(cfg['T'], *cfg['betas']))   # abar_t, float32
 

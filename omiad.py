@@ -741,9 +741,23 @@ def check_config(cfg):
     if not 0 <= cfg['t_max'] <= cfg['amdm_t_max'] < cfg['T']:
         raise common.UserError(f"need 0 <= --t_max <= --amdm_t_max <= {cfg['T'] - 1}: the teacher is "
                                f"queried up to t_max and trained up to amdm_t_max")
-    if cfg['ch'] % 32 or cfg['feature_size'] % 2 ** (len(cfg['ch_mult']) - 1):
-        raise common.UserError(f"--ch must be a multiple of 32 (GroupNorm) and --feature_size divisible by "
-                               f"{2 ** (len(cfg['ch_mult']) - 1)} (one halving per U-Net level)")
+    if cfg['ch'] % 32 or cfg['feature_size'] < 1 or cfg['feature_size'] % 2 ** (len(cfg['ch_mult']) - 1):
+        raise common.UserError(f"--ch must be a multiple of 32 (GroupNorm) and --feature_size a positive multiple "
+                               f"of {2 ** (len(cfg['ch_mult']) - 1)} (one halving per U-Net level)")
+    levels = [cfg['feature_size'] >> i for i in range(len(cfg['ch_mult']))]
+    widths = [cfg['ch'] * m for m, r in zip(cfg['ch_mult'], levels) if r in cfg['attn_res']]   # with attention,
+    widths.append(cfg['ch'] * cfg['ch_mult'][-1])                                          # the middle's too
+    for bad, fix in ((cfg['attn_res'] and not set(cfg['attn_res']) & set(levels),      # a typo: no attention
+                      f"--attn_res {cfg['attn_res']} matches none of the U-Net's resolutions {tuple(levels)}; "
+                      '--attn_res= builds no attention'),
+                     (cfg['num_heads'] < 1 or any(w % cfg['num_heads'] for w in widths),
+                      f"--num_heads {cfg['num_heads']} must divide each attention width {tuple(widths)}"),
+                     (not 0 < cfg['beta_1'] <= cfg['beta_T'] < 1, '--beta_1 and --beta_T need 0 < beta_1 <= beta_T < 1'),
+                     (not 0 <= cfg['p_min'] <= cfg['p_max'] <= 1 or cfg['kappa'] <= 0,
+                      'Eq. 7 needs 0 <= --p_min <= --p_max <= 1 and --kappa > 0'),
+                     (not 0 <= cfg['ema_decay'] < 1, '--ema_decay must lie in [0, 1)')):
+        if bad:
+            raise common.UserError(fix)
 
 
 def train(cfg):

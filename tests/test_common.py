@@ -80,6 +80,27 @@ def test_config_errors(argv, message):
         cfg_of(*argv)
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--T', '0'], '--T must be at least 1 (got 0)'),
+    (['--ch', '0'], '--ch must be at least 1 (got 0)'),                      # a U-Net of 0 parameters
+    (['--num_res_blocks', '-1'], '--num_res_blocks must be at least 0 (got -1)'),   # recorded as -1, built as 0
+    (['--ch_mult='], '--ch_mult needs one positive multiplier per U-Net level, e.g. 1,2,4 (got ())'),
+    (['--ch_mult', '1,0'], '--ch_mult needs one positive multiplier per U-Net level'),
+    (['--anomaly_p', '1.5'], 'need 0 <= --anomaly_p <= 1 and an opacity range 0 <= low <= high <= 1'),
+    (['--anomaly_beta', '0.8,0.2'], 'opacity range 0 <= low <= high <= 1 for --anomaly_beta (got 0.5 and (0.8, 0.2))'),
+    (['--anomaly_beta', '0.2,1.2'], 'opacity range 0 <= low <= high <= 1'),
+])
+def test_unet_schedule_and_perlin_keys_are_checked_for_every_method(argv, message):
+    """The keys every method's U-Net and schedule have, and common.perlin_anomaly's, refused with one line
+    where they would build an empty network or draw outside [0, 1]."""
+    defaults = dict(DEFAULTS, T=1000, ch=8, ch_mult=(1, 2), num_res_blocks=1, anomaly_p=0.5, anomaly_beta=(0.2, 0.8))
+    with pytest.raises(UserError, match=re.escape(message)):
+        common.get_config(defaults, PRESETS, argv, __file__)
+    ok = common.get_config(defaults, PRESETS, ['--T', '1', '--num_res_blocks', '0', '--anomaly_p', '1',
+                                               '--anomaly_beta', '0.5,0.5'], __file__)    # the edges pass
+    assert (ok['T'], ok['anomaly_beta']) == (1, (0.5, 0.5))
+
+
 def test_a_shared_option_a_method_does_not_use_is_refused():
     import decodiff, diffusionad, inversion_ad, lasb, omiad
     for m, unused in ((diffusionad, 'backbone_weights'), (decodiff, 'backbone_weights'), (inversion_ad, 'dtd_root'),

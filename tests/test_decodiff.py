@@ -345,6 +345,19 @@ def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
         d.train(small_cfg(tmp_path, '--S', '7'))
     with pytest.raises(common.UserError, match='must divide the latent size'):
         d.train(small_cfg(tmp_path, '--patch_sizes', '1,16'))
+    with pytest.raises(common.UserError, match='must divide the latent size'):
+        d.train(small_cfg(tmp_path, '--patch_sizes', '0,2'))                 # not a modulo by zero
+    for kw, message in ((dict(attn_ds=(8,)), r"--attn_ds \(8,\) matches none of the U-Net's downsample factors "
+                                             r'\(1, 2, 4\); --attn_ds= builds no attention'),      # a typo
+                        (dict(head_dim=7), r'--head_dim 7: each attention width \(64, 64\) needs at least one head, '
+                                           'and width // head_dim heads of equal size'),   # 9 heads of 64 channels
+                        (dict(head_dim=0), '--head_dim 0'),
+                        (dict(dropout=1.0), r'--dropout must lie in \[0, 1\) \(got 1\.0\)'),
+                        (dict(ch=6, head_dim=2), r'--ch 6 --ch_mult \(1, 2, 2\): num_channels \(18\) must be '
+                                                 'divisible by num_groups')):
+        with pytest.raises(common.UserError, match=message):
+            tiny_model(**kw)
+    assert tiny_model(attn_ds=(), ch=20).unet          # no attention but the middle's; 40 // 16 = 2 heads of 20
     with pytest.raises(common.UserError, match='strategy'):
         tiny_model(strategy='bogus').correct(torch.zeros(1, 4, 8, 8), None)
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 3))    # as if under torchrun with 3 ranks

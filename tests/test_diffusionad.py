@@ -289,6 +289,18 @@ def test_cli_errors(tmp_path):
         d.main(['--anomaly_beta', '0.5', '--out_dir', str(tmp_path)])
     with pytest.raises(common.UserError, match='--image_size 50 must be divisible by 8'):
         d.main(['--image_size', '50', '--out_dir', str(tmp_path)])      # not a size mismatch mid-forward
+    for flags, message in ((['--attn_res', '8'], r"--attn_res \(8,\) matches none of the U-Net's resolutions "
+                                                  r'\(32, 16\); --attn_res= builds no attention'),
+                           (['--num_heads', '3'], r'--num_heads 3 must divide each attention width \(32, 32\)'),
+                           (['--betas', '0.02,0.0001'], '--betas need 0 < first <= last < T / 1000'),   # reversed
+                           (['--T', '500', '--betas', '1e-4,0.5'], '--betas need 0 < first'),   # 0.5 x 2 = beta 1
+                           (['--tau', '0'], r'--tau must lie in 1\.\.999 \(got 0\)'),      # t_s ~ U{0..-1}
+                           (['--seg_levels', '1'], '--seg_levels >= 2'),
+                           (['--ch', '6', '--num_heads', '1'], r'--ch 6 --ch_mult \(1, 2\): num_channels '
+                                                              r'\(18\) must be divisible by num_groups \(4\)')):
+        with pytest.raises(common.UserError, match=message):          # at once, not a NaN or a traceback later
+            d.Model(tiny_cfg(tmp_path, *flags))
+    assert d.Model(tiny_cfg(tmp_path, '--attn_res=')).unet       # no attention at all: allowed
     with pytest.raises(common.UserError, match='nothing to train'):     # not an untrained model evaluated
         d.main(['--steps', '0', '--epochs', '0', '--out_dir', str(tmp_path)])
     if not torch.cuda.is_available():

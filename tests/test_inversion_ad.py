@@ -295,12 +295,15 @@ def test_cli_errors(tmp_path, monkeypatch):
         ia.train(tiny_cfg(tmp_path, '--S', '11'))
     with pytest.raises(common.UserError, match='--S expects int'):
         common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
-    for flags, message in ((['--feature_size', '6', '--ch_mult', '1,2,2'], 'feature_size must be divisible by 4'),
+    for flags, message in ((['--feature_size', '6', '--ch_mult', '1,2,2'], 'feature_size must be a positive multiple of 4'),
                            (['--ch', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),
                            (['--attn_ds', '3'], r'--attn_ds must be among \[1, 2\]'),
                            (['--pixel_norm', 'imagnet'], 'imagenet or half'),
                            (['--score_norm', 'vall'], 'test or val'),
-                           (['--block', '0'], 'block must be at least 1')):
+                           (['--block', '0'], 'block must be at least 1'),
+                           (['--feature_size', '0'], 'feature_size must be a positive multiple of 2'),
+                           (['--num_heads', '0'], 'multiple of 32 .GroupNorm. and of --num_heads'),  # not a modulo by 0
+                           (['--T', '20'], r'--T must be above 20: the betas 1e-4\.\.0\.02 are scaled')):   # beta = 1
         with pytest.raises(common.UserError, match=message):             # at once, not at the first step
             ia.Model(tiny_cfg(tmp_path, *flags))
     with monkeypatch.context() as m, pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):

@@ -308,6 +308,14 @@ def test_cli_errors(tmp_path, monkeypatch):
         lasb.Model(micro_cfg(tmp_path, '--image_size', '36'))
     with pytest.raises(common.UserError, match='--ae_batch_size must be at least 1 .got 0.'):   # DeCo-Diff's 0 means
         lasb.Model(micro_cfg(tmp_path, '--ae_batch_size', '0'))                                 # batch_size; not here
+    for flags, message in ((['--attn_res', '16'], r"--attn_res \(16,\) matches none of the bridge U-Net's latent "
+                                                   r'resolutions \(8, 4\); --attn_res= builds no attention'),
+                           (['--num_heads', '3'], r'--num_heads 3 must divide each attention width \(16, 16\)'),
+                           (['--beta_min', '0.3', '--beta_max', '0.1'], r'need 0 < beta_min <= beta_max \(got 0\.3'),
+                           (['--ae_mult='], r'--ae_mult needs one positive multiplier per autoencoder level'),
+                           (['--ch', '6'], r'--ch 6 --ch_mult \(1, 2\) --ae_ch 8 --ae_mult .*: num_channels')):
+        with pytest.raises(common.UserError, match=message):
+            lasb.Model(micro_cfg(tmp_path, *flags))
     with pytest.raises(common.UserError, match=r'--backbone resnet18 --layers \(5,\): .*feature stages 0-4'):
         lasb.Model(micro_cfg(tmp_path, '--layers', '5'))
     with pytest.raises(common.UserError, match=r"--backbone vit_tiny_patch16_224 .*doesn't match model"):

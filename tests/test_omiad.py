@@ -435,8 +435,17 @@ def test_cli_errors(tmp_path):
                                ({'use_teacher': True, 'teacher_steps': 500}, r'got 200 and 500')):
         with pytest.raises(common.UserError, match=message):     # inference keys, checked at every load
             omiad.Model(dict(tiny_cfg(tmp_path), **overrides))
-    for flags in (['--ch', '48'], ['--feature_size', '6']):
+    for flags in (['--ch', '48'], ['--feature_size', '6'], ['--feature_size', '0']):
         with pytest.raises(common.UserError, match='multiple of 32'):
+            omiad.train(tiny_cfg(tmp_path, *flags))
+    for flags, message in ((['--attn_res', '16'], r"--attn_res \(16,\) matches none of the U-Net's resolutions "
+                                                   r'\(8, 4, 2\); --attn_res= builds no attention'),   # a typo
+                           (['--num_heads', '3'], r'--num_heads 3 must divide each attention width \(32, 64\)'),
+                           (['--beta_1', '0.02', '--beta_T', '1e-4'], '0 < beta_1 <= beta_T < 1'),   # reversed
+                           (['--p_min', '0.5', '--p_max', '0.1'], r'Eq\. 7 needs 0 <= --p_min <= --p_max <= 1'),
+                           (['--kappa', '0'], r'and --kappa > 0'),
+                           (['--ema_decay', '1'], r'--ema_decay must lie in \[0, 1\)')):     # a frozen teacher
+        with pytest.raises(common.UserError, match=message):      # before any data is read or step is made
             omiad.train(tiny_cfg(tmp_path, *flags))
     with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):
         omiad.train(tiny_cfg(tmp_path, '--backbone_weights', 'timm'))
