@@ -110,8 +110,8 @@ def _coerce(key, text, default):
     try:
         if kind is bool:
             return {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}[str(text).lower()]
-        if kind is str:   # 'data/mvtec/' is data/mvtec: one run, one eval folder
-            return os.path.normpath(text) if key.endswith('_root') and text else str(text)
+        if kind is str:   # 'data/mvtec/' (or data\mvtec on Windows) is data/mvtec: one run, one --compare row
+            return os.path.normpath(text).replace(os.sep, '/') if key.endswith('_root') and text else str(text)
         if kind is tuple:   # '1,2,4' or '(1, 2, 4)'
             return tuple(type(default[0])(v) for v in str(text).strip('()[] ').split(',') if v.strip())
         if kind is int and not str(text).lstrip('+-').isdigit():   # '1e2' -> 100; digits stay exact
@@ -161,7 +161,7 @@ def print_help(defaults, presets, files, doc=''):
 
 def data_defaults(cfg):
     """Fill data_root ('' = data/<data>) and eval_size (0 = 128 on synthetic, 256 otherwise)."""
-    return dict(cfg, data_root=cfg['data_root'] or os.path.join('data', cfg['data']),
+    return dict(cfg, data_root=cfg['data_root'] or f"data/{cfg['data']}",      # as _coerce writes it
                 eval_size=cfg['eval_size'] or (128 if cfg['data'] == 'synthetic' else 256))
 
 
