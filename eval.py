@@ -4,7 +4,7 @@ eval.py: the one evaluation protocol for all five methods (and the two baselines
 $ python eval.py out/omiad_synthetic_all_tiny_s0/ckpt.pt            # evaluate a checkpoint
 $ python eval.py out/<run>/ckpt.pt --heatmaps 16 --S 3              # INFER_KEYS (S: InversionAD, DeCo-Diff)
 $ python eval.py --compare out/                                     # one table over all runs
-$ python eval.py --predict out/<run>/ckpt.pt image.png [--category NAME]    # one image: score + heatmap
+$ python eval.py --predict out/<run>/ckpt.pt image.png [--category NAME] [--S 3]   # one image: score + map
 $ python eval.py --bench omiad --preset paper --device cuda [--networks_only]   # params, FLOPs, speed
 $ python eval.py --bench metrics                                    # speed of the pixel metrics
 $ python eval.py --baselines --data synthetic                       # the mean and zscore baselines
@@ -144,9 +144,8 @@ def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'
             mask_rule=common.MASK_RULE, score_rule=getattr(model, 'SCORE_RULE', 'the model score'),
             timed_device=str(_device(model)), timed_batch_size=cfg['batch_size']),   # for ms_per_image
         versions=dict(common.versions(), **({'trained_with': train_versions} if train_versions else {})),
-        metrics=metrics, extra=extra, nfe=timer['nfe'],
-        ms_per_image=1000 * timer['s'] / max(timer['n'], 1), train_seconds=train_seconds,
-        params=dict(params, total=sum(p.numel() for p in model.parameters())))
+        metrics=metrics, extra=extra, nfe=timer['nfe'], ms_per_image=1000 * timer['s'] / max(timer['n'], 1),
+        train_seconds=train_seconds, params=dict(params, total=sum(p.numel() for p in model.parameters())))
     if not quiet:
         print_table(results, baselines(cfg))
     if out_dir:
@@ -230,24 +229,25 @@ def write_heatmaps(folder, dataset, outs, n):
 # command line: checkpoint, --compare, --predict, --bench, --baselines
 
 
-def _load(path, overrides=None, device=None, ckpt=None):
-    """A checkpoint of any method: the method file is named in the checkpoint itself."""
-    ckpt = ckpt or common.read_checkpoint(path)
+def _load(path, argv=(), **own):
+    """A checkpoint of any method (its file is named in the checkpoint) with argv's inference and run-time keys
+    (load() refuses others) and own options (name=default): model, ckpt, typed keys that differ, own values."""
+    ckpt = common.read_checkpoint(path)                            # read once: paper checkpoints are GBs
     Model = common.import_method(ckpt['method']).Model            # a copied or new method file too
-    return common.load(path, Model, overrides, common.pick_device(device or 'auto'), ckpt)
+    config = common.saved_config(ckpt, Model)
+    typed = common._parse_argv(argv, {**config, **own})
+    own = {k: typed.pop(k, v) for k, v in own.items()}
+    common._check_values(own)                                      # load() checks the typed keys
+    model, ckpt = common.load(path, Model, typed, common.pick_device(typed.get('device', 'auto')), ckpt)
+    return (model, ckpt, {k: v for k, v in typed.items() if v != config.get(k)}, *own.values())
 
 
 def evaluate_checkpoint(path, argv):
-    ckpt = common.read_checkpoint(path)                            # read once: paper checkpoints are GBs
+    model, ckpt, typed, heatmaps, out_dir = _load(path, argv, heatmaps=0, out_dir='')
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path      # a run folder: its ckpt.pt
-    config = common.saved_config(ckpt, common.import_method(ckpt['method']).Model)
-    overrides = common._parse_argv(argv, {**config, 'heatmaps': 0})          # load() refuses non-inference keys
-    heatmaps, out_dir = overrides.pop('heatmaps', 0), overrides.pop('out_dir', '')
-    model, ckpt = _load(path, dict(overrides, heatmaps=heatmaps), overrides.get('device'), ckpt)   # load() checks values
-    named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}),     # mid-run or
-             **{k: v for k, v in overrides.items() if v != config.get(k)}}
-    tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in named.items()))   # overridden: its own
-    out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # folder, not the run's
+    named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}), **typed}    # mid-run or overridden:
+    tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in named.items()))      # its own folder,
+    out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # not the run's
     return evaluate(model, common.load_dataset(model.cfg, 'test'), out_dir, heatmaps,
                     ckpt.get('train_seconds', float('nan')), train_versions=ckpt.get('versions'))
 
@@ -295,10 +295,10 @@ def compare(root):
 
 
 @torch.no_grad()
-def predict(ckpt, image_path, out='', category=''):
-    """Score one image with a trained model; writes image | map overlay to out (.png). category
-    names the image's category for a class-conditioned model (DeCo-Diff --class_cond) trained on several."""
-    model, _ = _load(ckpt)
+def predict(ckpt, image_path, out='', argv=()):
+    """Score one image with a trained model; writes image | map overlay to out (.png). argv: inference keys,
+    --device, --category (the image's, for a class-conditioned DeCo-Diff trained on several)."""
+    model, _, _, category = _load(ckpt, argv, category='')
     cats = list(model.cfg.get('categories') or common._categories_of(model.cfg))   # as trained; no data needed
     if (category or len(cats) > 1 and model.cfg.get('class_cond')) and category not in cats:
         raise UserError(f"name the image's category with --category: one of {', '.join(cats)}"
@@ -431,11 +431,11 @@ def main(argv=None):
         return compare(argv[1] if len(argv) > 1 else 'out')
     elif argv[0] == '--predict':
         n = next((j for j, a in enumerate(argv) if j and a.startswith('--')), len(argv))   # CKPT IMAGE [OUT], then
-        rest, category = argv[1:n], common._parse_argv(argv[n:], {'category': ''}).get('category', '')   # options
+        rest = argv[1:n]                                                                    # options
         if not 2 <= len(rest) <= 3 or len(rest) == 3 and os.path.exists(rest[2]) and not rest[2].endswith(
                 '_heatmap.png'):                                          # a second image is not overwritten
-            raise UserError('usage: python eval.py --predict CKPT IMAGE [OUT.png] [--category NAME] (OUT: a new file)')
-        return predict(*rest, category=category)
+            raise UserError('usage: python eval.py --predict CKPT IMAGE [NEW.png] [--category NAME] [inference keys]')
+        return predict(*rest, argv=argv[n:])
     elif argv[0] == '--bench':
         if len(argv) < 2:
             raise UserError(f"usage: python eval.py --bench METHOD [--preset paper]; methods: {', '.join(common.METHODS)}")

@@ -51,7 +51,7 @@ def check(script, args, monkeypatch):
 def check_eval(args, monkeypatch):
     """eval.py's own main() on these arguments, with what it would load or run replaced by checks."""
     monkeypatch.setattr(E, 'compare', lambda root: None)
-    monkeypatch.setattr(E, 'predict', lambda ckpt, image, out='', category='': None)
+    monkeypatch.setattr(E, 'predict', lambda ckpt, image, out='', argv=(): inference_keys(ckpt, argv, category=''))
     monkeypatch.setattr(E, 'bench', lambda method, argv: check(method, [a for a in argv if a != '--networks_only'],
                                                                monkeypatch))
     monkeypatch.setattr(E, 'bench_metrics', lambda: None)
@@ -60,9 +60,9 @@ def check_eval(args, monkeypatch):
     E.main(args)
 
 
-def inference_keys(path, argv):
-    """CKPT [keys]: the keys its method's checkpoint may take (INFER_KEYS and run-time keys); the run
-    folder names the method (out/<method>_...), out/<run> may be any."""
+def inference_keys(path, argv, **own):
+    """CKPT [keys]: the keys its method's checkpoint may take (INFER_KEYS and run-time keys, and own: the
+    command's options); the run folder names the method (out/<method>_...), out/<run> may be any."""
     folders = path.split('/')
     methods = [m for m in common.METHODS if any(f.startswith(m + '_') for f in folders)] or common.METHODS
     errors = []
@@ -70,7 +70,7 @@ def inference_keys(path, argv):
         module = common.import_method(method)
         try:
             keys = module.Model.INFER_KEYS + common.RUNTIME_KEYS
-            return common._parse_argv(argv, {k: module.config[k] for k in keys})
+            return common._parse_argv(argv, {**{k: module.config[k] for k in keys}, **own})
         except UserError as e:
             errors.append(f'{method}: {e}')
     raise UserError('; '.join(errors))

@@ -254,6 +254,12 @@ def test_predict_draws_the_noise_of_the_evaluation(tmp_path, monkeypatch):
     assert own != pytest.approx(by_name, abs=1e-6)           # the key matters: the test can fail
     assert E.predict(ckpt, os.path.join('data', 'synthetic', rel))[0] == pytest.approx(own, abs=1e-6)
     assert E.predict(ckpt, os.path.join('elsewhere', rel), 'out.png')[0] == pytest.approx(by_name, abs=1e-6)
+    quiet = common.load(ckpt, toy_method.Model, overrides={'noise': 0.0})[0]      # an inference key typed, as for
+    want = quiet.predict(dict(image=x, cls=torch.zeros(1, dtype=torch.long), path=[rel]))['score'].item()   # --eval
+    assert want != pytest.approx(own, abs=1e-6)
+    assert E.main(['--predict', ckpt, os.path.join('data', 'synthetic', rel), '--noise', '0'])[0] == pytest.approx(want)
+    with pytest.raises(UserError, match='--steps cannot change without retraining; inference keys of toy_method: noise'):
+        E.main(['--predict', ckpt, os.path.join('data', 'synthetic', rel), '--steps', '3'])
     assert common.path_key(os.path.join('data', 'synthetic', rel), 'data/synthetic/') == rel
     os.symlink(tmp_path / 'data', tmp_path / 'link')                # a root given through a symlink
     assert common.path_key(str(tmp_path / 'data' / 'synthetic' / rel), str(tmp_path / 'link' / 'synthetic')) == rel
@@ -268,7 +274,8 @@ def test_predict_never_overwrites_a_second_image(tmp_path, monkeypatch):
         os.makedirs(tmp_path / folder)
         Image.fromarray(np.full((32, 32, 3), 60, np.uint8)).save(tmp_path / folder / '000.png')
     before = (tmp_path / 'b' / '000.png').read_bytes()
-    with pytest.raises(UserError, match=r'usage: python eval.py --predict CKPT IMAGE \[OUT.png\] .*\(OUT: a new file\)'):
+    with pytest.raises(UserError, match=r'usage: python eval.py --predict CKPT IMAGE \[NEW.png\] \[--category NAME\] '
+                                        r'\[inference keys\]'):
         E.main(['--predict', ckpt, str(tmp_path / 'a' / '000.png'), str(tmp_path / 'b' / '000.png')])
     assert (tmp_path / 'b' / '000.png').read_bytes() == before
     monkeypatch.chdir(tmp_path)
@@ -294,9 +301,9 @@ def test_predict_on_a_class_conditioned_multi_class_model_needs_the_category(tmp
         E.main(['--predict', ckpt, str(img), '--category'])
     with pytest.raises(UserError, match="not 'screw'"):
         E.main(['--predict', ckpt, str(img), '--category', 'screw'])
-    with pytest.raises(UserError, match=r'unknown option --noise'):
-        E.main(['--predict', ckpt, str(img), '--category', 'grain', '--noise', '0.1'])   # not an output name
-    with pytest.raises(UserError, match=r"unexpected argument '\S+ckpt.pt'"):
+    with pytest.raises(UserError, match=r'unknown option --nois \(did you mean --noise\?\)'):
+        E.main(['--predict', ckpt, str(img), '--category', 'grain', '--nois', '0.1'])    # not an output name
+    with pytest.raises(UserError, match=r'usage: python eval.py --predict CKPT IMAGE \[NEW.png\] \[--category'):
         E.main(['--predict', '--category', 'grain', ckpt, str(img)])                  # options come last
     assert np.isfinite(E.main(['--predict', ckpt, str(img), str(tmp_path / 'h.png'), '--category', 'grain'])[0])
 
@@ -313,12 +320,12 @@ def test_a_new_method_file_is_evaluated_and_its_old_checkpoints_take_new_keys_de
     plain = E.main([ckpt])
     assert f"predates --noise: it runs with --noise {toy_method.config['noise']!r}" in capsys.readouterr().out
     assert E.main([ckpt, '--noise', '0.1'])['config']['noise'] == 0.1
-    model, _ = E._load(ckpt)
+    model = E._load(ckpt)[0]
     del toy_method.Model.INFER_KEYS                                           # a method may have none
     try:
         assert E._load(ckpt)[0].cfg['noise'] == 0.0
         with pytest.raises(UserError, match='--noise cannot change without retraining; inference keys of toy_method: none'):
-            E._load(ckpt, {'noise': 0.1})
+            E._load(ckpt, ['--noise', '0.1'])
     finally:
         toy_method.Model.INFER_KEYS = ('noise',)
     assert plain['metrics']['weave'] == E.evaluate(model, common.load_dataset(model.cfg, 'test'), quiet=True)['metrics']['weave']
@@ -330,7 +337,7 @@ def test_a_new_method_file_is_evaluated_and_its_old_checkpoints_take_new_keys_de
 @pytest.mark.parametrize('bad', ['short score', '(B,1) score', 'numpy score', '(B,1,H,W) map', 'short map',
                                  'short extra score'])
 def test_predict_breaking_the_contract_is_an_error_not_wrong_metrics(tmp_path, bad):
-    model, _ = E._load(os.path.join(toy(tmp_path, '--category', 'weave', '--steps', '1'), 'ckpt.pt'))
+    model = E._load(os.path.join(toy(tmp_path, '--category', 'weave', '--steps', '1'), 'ckpt.pt'))[0]
     predict = model.predict
 
     def broken(batch):
@@ -529,7 +536,7 @@ def test_a_multi_class_model_keeps_the_categories_it_was_trained_on(tmp_path):
     img = tmp_path / 'one.png'
     Image.fromarray(test.images[0].numpy().transpose(1, 2, 0)).save(img)
     with mock.patch.object(common, 'categories', side_effect=AssertionError('the dataset was listed')):
-        E.predict(os.path.join(out, 'ckpt.pt'), str(img), str(tmp_path / 'h.png'), category='grain')
+        E.predict(os.path.join(out, 'ckpt.pt'), str(img), str(tmp_path / 'h.png'), ['--category', 'grain'])
 
 # -----------------------------------------------------------------------------
 # the protocol's numbers, each pinned against a hand computation
