@@ -26,14 +26,14 @@ anomaly map. One model serves every category (unified setting); no segmentation 
 
 Sources. LASB's code was never released and only the supplement is public. The method is rebuilt
 from its hyperparameter table (S7), a summary of the main paper, and the public code its numbers
-match exactly (LDM vq-f4, NVlabs I2SB, DiAD's evaluation); see shared/specs/lasb.md. Inferences [I]
-and guesses [G] are config keys:
+match exactly (LDM vq-f4, NVlabs I2SB, DiAD's evaluation); the README's LASB section has more.
+Inferences [I] and guesses [G] are config keys:
   - training pairs [G]: z1 = E(x~), x~ = DRAEM-style Perlin anomaly of x (common.perlin_anomaly) with
     probability anomaly_p = 0.5 (else the identity pair z1 = z0, which teaches "leave normal alone");
     texture blend b ~ U(anomaly_beta) = U(0, 0.8) as DRAEM (DiffusionAD uses U(0.2, 0.8)).
   - latents [I]: the bridge runs on the pre-quantisation encoder output and D quantises on decode, as
     LDM's VQModelInterface (latent='quant' bridges codebook vectors instead).
-  - latent scale [G] (spec 3.6): I2SB's noise (std_sb <= 0.19) only means something relative to the
+  - latent scale [G]: I2SB's noise (std_sb <= 0.19) only means something relative to the
     latent scale. LDM uses 1.0 for VQ models; we use 1/std of the training latents (latent_scale=0),
     so both presets see unit-scale latents; --latent_scale 1.0 gives LDM's convention.
   - bridge UNet [I]: ADM as I2SB configures it (scale-shift norm, resblock_updown, dropout 0, no z1
@@ -645,7 +645,7 @@ def train_autoencoder(model, data, val, cfg, ckpt, clock):
 @torch.no_grad()
 def finish_autoencoder(model, data, val, cfg):
     """Freeze the autoencoder, report its validation error and codebook usage (kept in the checkpoint
-    as ae.vq.usage), and set the latent scale (spec 3.6)."""
+    as ae.vq.usage), and set the latent scale (docstring: latent scale [G])."""
     ae = model.ae.eval().requires_grad_(False)
     model.scale.fill_(1.0)
     z = encode_all(model, data.images, cfg['device'])                   # unscaled training latents

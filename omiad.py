@@ -66,7 +66,7 @@ No official code exists (the repo holds only a README). Choices where the paper 
     scale. eval.py --t_init is meant for the teacher (--use_teacher): the generator was distilled
     at one t_init, and t_init must stay within amdm_t_max.
 
-Tiny preset (CPU, ~10 min; every value chosen on a validation proxy, the normal validation images
+Tiny preset (CPU, within 10 min; every value chosen on a validation proxy, the normal validation images
 plus two Perlin-anomalous copies of each, never on the test set; the README has the measurements):
   * DEVIATION, backbone='pixels', weight-free: the ImageNet-normalised image resized (antialiased)
     to 4 feature_size, every 4x4 block stacked into one 48-channel vector (pixel_unshuffle; --block
@@ -752,8 +752,7 @@ def check_config(cfg):
                       '--attn_res= builds no attention'),
                      (cfg['num_heads'] < 1 or any(w % cfg['num_heads'] for w in widths),
                       f"--num_heads {cfg['num_heads']} must divide each attention width {tuple(widths)}"),
-                     (not 0 < cfg['beta_1'] <= cfg['beta_T'] < 1,
-                      '--beta_1 and --beta_T need 0 < beta_1 <= beta_T < 1'),
+                     (not 0 < cfg['beta_1'] <= cfg['beta_T'] < 1, 'need 0 < --beta_1 <= --beta_T < 1'),
                      (not 0 <= cfg['p_min'] <= cfg['p_max'] <= 1 or cfg['kappa'] <= 0,
                       'Eq. 7 needs 0 <= --p_min <= --p_max <= 1 and --kappa > 0'),
                      (not 0 <= cfg['ema_decay'] < 1, '--ema_decay must lie in [0, 1)')):
