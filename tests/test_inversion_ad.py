@@ -306,6 +306,11 @@ def test_cli_errors(tmp_path, monkeypatch):
                            (['--T', '20'], r'--T must be above 20: the betas 1e-4\.\.0\.02 are scaled')):   # beta = 1
         with pytest.raises(common.UserError, match=message):             # at once, not at the first step
             ia.Model(tiny_cfg(tmp_path, *flags))
+    with pytest.warns(UserWarning, match=r"full-resolution width 32 is below the 272 feature channels"):
+        ia.Model(tiny_cfg(tmp_path, '--backbone', 'efficientnet_b4'))      # the tiny net on ImageNet features
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ia.Model(tiny_cfg(tmp_path))                                        # 32 on 12 channels: no warning
     with monkeypatch.context() as m, pytest.raises(common.UserError, match='--warmup_epochs 1 must be fewer than --epochs 1'):
         m.setattr(common, 'load_dataset', None)                      # before any data is read
         ia.train(tiny_cfg(tmp_path, '--warmup_epochs', '1'))
