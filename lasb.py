@@ -463,6 +463,36 @@ def image_score(amap, kernel, times):
     return amap.flatten(1).amax(1)
 
 
+def check_config(cfg):
+    """One-line errors for values no network, schedule or sampler here can take; at every build of the
+    Model, so for a checkpoint's config with eval.py's inference keys too."""
+    if not cfg['ae_mult'] or min(cfg['ae_mult']) < 1 or cfg['ae_ch'] < 1:
+        raise common.UserError(f"--ae_mult needs one positive multiplier per autoencoder level and --ae_ch >= 1 "
+                               f"(got {cfg['ae_mult']} and {cfg['ae_ch']})")
+    f = 2 ** (len(cfg['ae_mult']) - 1 + len(cfg['ch_mult']) - 1)       # autoencoder, then bridge U-Net
+    levels = [cfg['image_size'] // 2 ** (len(cfg['ae_mult']) - 1 + i) for i in range(len(cfg['ch_mult']))]
+    widths = [cfg['ch'] * m for m, r in zip(cfg['ch_mult'], levels) if r in cfg['attn_res']]   # with attention,
+    widths.append(cfg['ch'] * cfg['ch_mult'][-1])                                          # the middle's too
+    for bad, fix in ((cfg['latent'] not in ('prequant', 'quant'), f"--latent must be prequant or quant, got "
+                      f"{cfg['latent']!r}"),
+                     (cfg['ae_batch_size'] < 1, f"--ae_batch_size must be at least 1 (got {cfg['ae_batch_size']})"),
+                     (not 1 <= cfg['nfe'] < cfg['T'] or cfg['n_samples'] < 1,
+                      f"--nfe must be in 1..{cfg['T'] - 1} and --n_samples >= 1"),
+                     (cfg['image_size'] % f, f"--image_size {cfg['image_size']} must be divisible by {f} (the "
+                      "autoencoder's and the bridge U-Net's halvings)"),
+                     (cfg['attn_res'] and not set(cfg['attn_res']) & set(levels),     # a typo: no attention
+                      f"--attn_res {cfg['attn_res']} matches none of the bridge U-Net's latent resolutions "
+                      f"{tuple(levels)}; --attn_res= builds no attention"),
+                     (cfg['num_heads'] < 1 or any(w % cfg['num_heads'] for w in widths),
+                      f"--num_heads {cfg['num_heads']} must divide each attention width {tuple(widths)}"),
+                     (not 0 < cfg['beta_min'] <= cfg['beta_max'], '--beta_min and --beta_max need 0 < beta_min '
+                      f"<= beta_max (got {cfg['beta_min']} and {cfg['beta_max']})"),
+                     (len(cfg['score_pool']) != 2 or len(cfg['anomaly_beta']) != 2, '--score_pool and --anomaly_beta '
+                      f"take two values, e.g. --score_pool 8,8 (got {cfg['score_pool']} and {cfg['anomaly_beta']})")):
+        if bad:
+            raise common.UserError(fix)
+
+
 class Model(nn.Module):
     INFER_KEYS = ('nfe', 'n_samples', 'pixel_weight', 'sigma', 'score_pool')
     FINAL_STAGE = 2         # common.load refuses stage-1 checkpoints: the bridge is not trained yet
@@ -470,34 +500,7 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg['latent'] not in ('prequant', 'quant'):
-            raise common.UserError(f"--latent must be prequant or quant, got {cfg['latent']!r}")
-        if cfg['ae_batch_size'] < 1:
-            raise common.UserError(f"--ae_batch_size must be at least 1 (got {cfg['ae_batch_size']})")
-        if not 1 <= cfg['nfe'] < cfg['T'] or cfg['n_samples'] < 1:
-            raise common.UserError(f"--nfe must be in 1..{cfg['T'] - 1} and --n_samples >= 1")
-        if not cfg['ae_mult'] or min(cfg['ae_mult']) < 1 or cfg['ae_ch'] < 1:
-            raise common.UserError(f"--ae_mult needs one positive multiplier per autoencoder level and --ae_ch >= 1 "
-                                   f"(got {cfg['ae_mult']} and {cfg['ae_ch']})")
-        f = 2 ** (len(cfg['ae_mult']) - 1 + len(cfg['ch_mult']) - 1)   # autoencoder, then bridge U-Net
-        if cfg['image_size'] % f:
-            raise common.UserError(f"--image_size {cfg['image_size']} must be divisible by {f} (the autoencoder's "
-                                   "and the bridge U-Net's halvings)")
-        levels = [cfg['image_size'] // 2 ** (len(cfg['ae_mult']) - 1 + i) for i in range(len(cfg['ch_mult']))]
-        widths = [cfg['ch'] * m for m, r in zip(cfg['ch_mult'], levels) if r in cfg['attn_res']]   # with attention,
-        widths.append(cfg['ch'] * cfg['ch_mult'][-1])                                          # the middle's too
-        for bad, fix in ((cfg['attn_res'] and not set(cfg['attn_res']) & set(levels),     # a typo: no attention
-                          f"--attn_res {cfg['attn_res']} matches none of the bridge U-Net's latent resolutions "
-                          f"{tuple(levels)}; --attn_res= builds no attention"),
-                         (cfg['num_heads'] < 1 or any(w % cfg['num_heads'] for w in widths),
-                          f"--num_heads {cfg['num_heads']} must divide each attention width {tuple(widths)}"),
-                         (not 0 < cfg['beta_min'] <= cfg['beta_max'], '--beta_min and --beta_max need 0 < beta_min '
-                          f"<= beta_max (got {cfg['beta_min']} and {cfg['beta_max']})")):
-            if bad:
-                raise common.UserError(fix)
-        if len(cfg['score_pool']) != 2 or len(cfg['anomaly_beta']) != 2:
-            raise common.UserError(f"--score_pool and --anomaly_beta take two values, e.g. --score_pool 8,8 "
-                                   f"(got {cfg['score_pool']} and {cfg['anomaly_beta']})")
+        check_config(cfg)
         self.cfg = cfg
         try:
             self.ae = VQAE(cfg)
