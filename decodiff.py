@@ -559,13 +559,14 @@ class Model(nn.Module):
                 raise common.UserError(fix)
         self.cfg = cfg
         sd = cfg['vae'] == 'sd'
-        self.vae = AutoencoderKL(*((SD_VAE['channels'], SD_VAE['layers']) if sd else
-                                   (cfg['ae_channels'], cfg['ae_res_blocks']))).requires_grad_(False)
         try:
+            self.vae = AutoencoderKL(*((SD_VAE['channels'], SD_VAE['layers']) if sd else
+                                       (cfg['ae_channels'], cfg['ae_res_blocks']))).requires_grad_(False)
             self.unet = UNet(cfg)
         except (ValueError, ZeroDivisionError) as e:     # GroupNorm of a width its group count does not divide
-            raise common.UserError(f"--ch {cfg['ch']} --ch_mult {cfg['ch_mult']}: {e} (GroupNorm: use widths that "
-                                   'are multiples of 4, and of 32 from 128 channels up)')
+            raise common.UserError(f"--ch {cfg['ch']} --ch_mult {cfg['ch_mult']} --ae_channels {cfg['ae_channels']}: "
+                                   f'{e} (GroupNorm: every width it normalises, skips concatenated included, must be a '
+                                   'multiple of 4, and of 32 from 128 up; multiples of 32 always work)')
         abar = torch.cumprod(1 - cosine_betas(cfg['T']), 0)
         self.register_buffer('abar', abar.float())                               # \bar\alpha_t
         # latent scale: 0.18215 for the SD VAE, 1/std of the training latents for the small AE

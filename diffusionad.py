@@ -377,7 +377,7 @@ class Model(nn.Module):
         (b_1, b_T), levels = cfg['betas'], [cfg['image_size'] >> i for i in range(len(cfg['ch_mult']))]
         widths = [cfg['ch'] * m for m, r in zip(cfg['ch_mult'], levels) if r in cfg['attn_res']]   # with attention,
         widths.append(cfg['ch'] * cfg['ch_mult'][-1])                                          # the middle's too
-        for bad, fix in ((not 0 < b_1 <= b_T < cfg['T'] / 1000, '--betas need 0 < first <= last < T / 1000 (they '
+        for bad, fix in ((not 0 <= b_1 <= b_T < cfg['T'] / 1000, '--betas need 0 <= first <= last < T / 1000 (they '
                           f"are scaled by 1000 / T; got {cfg['betas']})"),
                          (not 0 < cfg['tau'] < cfg['T'], f"--tau must lie in 1..{cfg['T'] - 1} (got {cfg['tau']})"),
                          (cfg['attn_res'] and not set(cfg['attn_res']) & set(levels),     # a typo: no attention
@@ -394,8 +394,9 @@ class Model(nn.Module):
             self.unet = UNet(cfg['image_size'], cfg['ch'], cfg['ch_mult'], cfg['num_res_blocks'],
                              cfg['attn_res'], cfg['num_heads'])
         except (ValueError, ZeroDivisionError) as e:     # GroupNorm of a width its group count does not divide
-            raise common.UserError(f"--ch {cfg['ch']} --ch_mult {cfg['ch_mult']}: {e} (GroupNorm: use widths that "
-                                   'are multiples of 4, and of 32 from 128 channels up)')
+            raise common.UserError(f"--ch {cfg['ch']} --ch_mult {cfg['ch_mult']}: {e} (GroupNorm: every width it "
+                                   'normalises, skips concatenated included, must be a multiple of 4, and of 32 from '
+                                   '128 up; multiples of 32 always work)')
         self.seg = SegNet(cfg['seg_ch'], cfg['seg_levels'], cfg['seg_prior'])
         self.register_buffer('abar', linear_abar(cfg['T'], *cfg['betas']))   # abar_t, float32
 

@@ -507,8 +507,9 @@ class Model(nn.Module):
             self.unet = UNet(cfg)            # the EMA weights: I2SB samples with them
         except (ValueError, ZeroDivisionError) as e:     # GroupNorm of a width its group count does not divide
             raise common.UserError(f"--ch {cfg['ch']} --ch_mult {cfg['ch_mult']} --ae_ch {cfg['ae_ch']} --ae_mult "
-                                   f"{cfg['ae_mult']}: {e} (GroupNorm: use widths that are multiples of 4, and of 32 "
-                                   'from 128 channels up)')
+                                   f"{cfg['ae_mult']}: {e} (GroupNorm: every width it normalises, skips "
+                                   'concatenated included, must be a multiple of 4, and of 32 from 128 up; multiples '
+                                   'of 32 always work)')
         self.sb = Bridge(cfg)
         try:
             self.backbone = timm.create_model(cfg['backbone'], pretrained=False, features_only=True,

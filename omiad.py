@@ -752,9 +752,9 @@ def check_config(cfg):
                       '--attn_res= builds no attention'),
                      (cfg['num_heads'] < 1 or any(w % cfg['num_heads'] for w in widths),
                       f"--num_heads {cfg['num_heads']} must divide each attention width {tuple(widths)}"),
-                     (not 0 < cfg['beta_1'] <= cfg['beta_T'] < 1, 'need 0 < --beta_1 <= --beta_T < 1'),
-                     (not 0 <= cfg['p_min'] <= cfg['p_max'] <= 1 or cfg['kappa'] <= 0,
-                      'Eq. 7 needs 0 <= --p_min <= --p_max <= 1 and --kappa > 0'),
+                     (not 0 <= cfg['beta_1'] <= cfg['beta_T'] < 1, 'need 0 <= --beta_1 <= --beta_T < 1'),
+                     (not 0 <= cfg['p_min'] <= cfg['p_max'] <= 1 or cfg['kappa'] < 0,     # kappa 0: p = p_max
+                      'Eq. 7 needs 0 <= --p_min <= --p_max <= 1 and --kappa >= 0'),
                      (not 0 <= cfg['ema_decay'] < 1, '--ema_decay must lie in [0, 1)')):
         if bad:
             raise common.UserError(fix)

@@ -353,8 +353,9 @@ def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
                                            'and width // head_dim heads of equal size'),   # 9 heads of 64 channels
                         (dict(head_dim=0), '--head_dim 0'),
                         (dict(dropout=1.0), r'--dropout must lie in \[0, 1\) \(got 1\.0\)'),
-                        (dict(ch=6, head_dim=2), r'--ch 6 --ch_mult \(1, 2, 2\): num_channels \(18\) must be '
-                                                 'divisible by num_groups')):
+                        (dict(ch=6, head_dim=2), r'--ch 6 --ch_mult \(1, 2, 2\) .*: num_channels \(18\) must be '
+                                                 'divisible by num_groups'),
+                        (dict(ae_channels=(16, 32, 144)), r'--ae_channels \(16, 32, 144\): num_channels \(144\)')):
         with pytest.raises(common.UserError, match=message):
             tiny_model(**kw)
     assert tiny_model(attn_ds=(), ch=20).unet          # no attention but the middle's; 40 // 16 = 2 heads of 20

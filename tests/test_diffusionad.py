@@ -292,8 +292,8 @@ def test_cli_errors(tmp_path):
     for flags, message in ((['--attn_res', '8'], r"--attn_res \(8,\) matches none of the U-Net's resolutions "
                                                   r'\(32, 16\); --attn_res= builds no attention'),
                            (['--num_heads', '3'], r'--num_heads 3 must divide each attention width \(32, 32\)'),
-                           (['--betas', '0.02,0.0001'], '--betas need 0 < first <= last < T / 1000'),   # reversed
-                           (['--T', '500', '--betas', '1e-4,0.5'], '--betas need 0 < first'),   # 0.5 x 2 = beta 1
+                           (['--betas', '0.02,0.0001'], '--betas need 0 <= first <= last < T / 1000'),   # reversed
+                           (['--T', '500', '--betas', '1e-4,0.5'], '--betas need 0 <= first'),   # 0.5 x 2 = beta 1
                            (['--tau', '0'], r'--tau must lie in 1\.\.999 \(got 0\)'),      # t_s ~ U{0..-1}
                            (['--seg_levels', '1'], '--seg_levels >= 2'),
                            (['--ch', '6', '--num_heads', '1'], r'--ch 6 --ch_mult \(1, 2\): num_channels '

@@ -441,9 +441,9 @@ def test_cli_errors(tmp_path):
     for flags, message in ((['--attn_res', '16'], r"--attn_res \(16,\) matches none of the U-Net's resolutions "
                                                    r'\(8, 4, 2\); --attn_res= builds no attention'),   # a typo
                            (['--num_heads', '3'], r'--num_heads 3 must divide each attention width \(32, 64\)'),
-                           (['--beta_1', '0.02', '--beta_T', '1e-4'], 'need 0 < --beta_1 <= --beta_T < 1'),   # reversed
+                           (['--beta_1', '0.02', '--beta_T', '1e-4'], 'need 0 <= --beta_1 <= --beta_T < 1'),   # reversed
                            (['--p_min', '0.5', '--p_max', '0.1'], r'Eq\. 7 needs 0 <= --p_min <= --p_max <= 1'),
-                           (['--kappa', '0'], r'and --kappa > 0'),
+                           (['--kappa', '-1'], r'and --kappa >= 0'),        # 0^-1 at t = 0
                            (['--ema_decay', '1'], r'--ema_decay must lie in \[0, 1\)')):     # a frozen teacher
         with pytest.raises(common.UserError, match=message):      # before any data is read or step is made
             omiad.train(tiny_cfg(tmp_path, *flags))
