@@ -1341,7 +1341,8 @@ def _appearance(image, rng, dtd_root, dtd_self=0.0):
     for k in rng.permutation(len(_AUGMENTERS))[:3]:
         im = _AUGMENTERS[k](im, rng)
     a = np.asarray(im)
-    if self_copy:   # shuffle 8 vertical, then 8 horizontal strips, so most parts move
+    if self_copy:   # shuffle 8 vertical, then 8 horizontal strips, so most parts move (one permutation of
+        # all 8; DiffusionAD's official code shuffles the even- and the odd-indexed strips apart)
         for axis in (1, 0):
             parts = np.array_split(a, 8, axis)
             a = np.concatenate([parts[i] for i in rng.permutation(8)], axis)

@@ -6,10 +6,11 @@ re-implementation.
 Idea. Work in the latent space of a KL-f8 autoencoder and treat an anomaly as noise there. During
 training, random latent patches of a normal image are diffused while the rest stay exactly as they
 are (Eq. 7), and a U-Net learns the "direction of deviation" eta (Eq. 11), which is zero wherever
-the latent is untouched (Eq. 12). At test time nothing is noised: the clean latent of the test image
-is corrected by a few deterministic DDIM-like steps (Eq. 13-14). Normal patches stay put, anomalous
-ones move towards normality, and the anomaly map is the geometric mean of the clipped pixel and
-latent discrepancies between the corrected and the original latent (Eq. 15).
+the latent is untouched (the paper after Eq. 11; the official target is masked so). At test time
+nothing is noised: the clean latent of the test image is corrected by a few deterministic DDIM-like
+steps (Eq. 13-14). Normal patches stay put, anomalous ones move towards normality, and the anomaly
+map is the geometric mean of the clipped pixel and latent discrepancies between the corrected and
+the original latent (Eq. 15).
 
 Implemented: the squared-cosine schedule (T=10), masked forward process (Eq. 7) with shuffled-patch
 noise, the eta target and loss (Eq. 11-12), deviation correction with the z~_{t-1} (Eq. 14) and the
@@ -489,7 +490,7 @@ def shuffle_patches(z, p, gen):
 
 def forward_process(z0, t, m, noise, abar):
     """Eq. 7: z_t = z0 on visible patches (m=1), sqrt(abar) z0 + sqrt(1-abar) noise elsewhere.
-    Eq. 11: eta = (1-m) (noise - (1 - sqrt(abar)) / sqrt(1 - abar) z0), exactly 0 where m=1."""
+    Eq. 11, masked as the official code: eta = (1-m) (noise - (1 - sqrt(abar)) / sqrt(1 - abar) z0), 0 where m=1."""
     a = abar[t].view(-1, 1, 1, 1)
     zt = m * z0 + (1 - m) * (a.sqrt() * z0 + (1 - a).sqrt() * noise)
     eta = (1 - m) * (noise - (1 - a.sqrt()) / (1 - a).sqrt() * z0)

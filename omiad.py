@@ -344,7 +344,7 @@ def sid_loss(eps_phi, eps_psi, eps, t, abar, alpha):
     loss (x_r - x_f).((x_r - x_g) - alpha (x_r - x_f)) / wf exactly (x_r, x_f = teacher/student x0)."""
     a = expand(abar[t])
     k = ((1 - a) / a).sqrt()                                      # sigma_t / sqrt(abar_t)
-    x_err = k * (eps - eps_phi)                                   # x_g - x0_hat_phi (Eq. 10)
+    x_err = k * (eps - eps_phi)                                   # x0_hat_phi - x_g (Eq. 10)
     wf = x_err.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-5).detach()
     gamma = k ** 2 / wf                                           # gamma(t) of Eq. 27
     delta = eps_psi - eps_phi                                     # Eq. 16
@@ -604,7 +604,7 @@ def psi_update(model, psi, opt, x0, x_g, gen, cfg):
     abar, dev = model.abar, x0.device
     t = torch.randint(0, cfg['t_max'] + 1, (len(x0),), generator=gen, device=gen.device).to(dev)
     eps = torch.randn(x0.shape, generator=gen, device=gen.device).to(dev)
-    x_t, y_t = q_sample(x_g, t, eps, abar), q_sample(x0, t, eps, abar)   # the same noise (line 6)
+    x_t, y_t = q_sample(x_g, t, eps, abar), q_sample(x0, t, eps, abar)   # the same noise (line 5)
     with common.autocast(dev, cfg['dtype']):
         eps_psi, d_fake = psi(x_t, t, logits=True)
         d_real = psi.disc(y_t, t)                                      # encoder only
