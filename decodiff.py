@@ -178,7 +178,8 @@ def respaced(T, S):
         if len(range(0, T, k)) == S:
             return list(range(0, T, k))
     valid = sorted({len(range(0, T, k)) for k in range(1, T)})
-    raise common.UserError(f'--S {S} is not a valid number of reverse steps for T={T}; choose one of {valid}')
+    raise common.UserError(f'--S {S} is not a valid number of reverse steps for T={T}; choose one of {valid}'
+                           if valid else f'--T must be at least 2 (got {T})')
 
 
 def norm(c, eps=1e-5):

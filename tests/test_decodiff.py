@@ -343,6 +343,8 @@ def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
         d.train(small_cfg(tmp_path, '--vae', 'sd'))
     with pytest.raises(common.UserError, match='reverse steps'):
         d.train(small_cfg(tmp_path, '--S', '7'))
+    with pytest.raises(common.UserError, match=r'--T must be at least 2 \(got 1\)'):     # not "choose one of []"
+        d.respaced(1, 5)
     with pytest.raises(common.UserError, match='must divide the latent size'):
         d.train(small_cfg(tmp_path, '--patch_sizes', '1,16'))
     with pytest.raises(common.UserError, match='must divide the latent size'):
