@@ -368,11 +368,11 @@ class Model(nn.Module):
             c = sum(self.backbone.feature_info.channels())                    # 24 + 32 + 56 + 160 = 272
         else:
             raise UserError(f"--backbone must be efficientnet_b4 or pixels (got {cfg['backbone']!r})")
-        if cfg['ch'] * cfg['ch_mult'][0] < c:              # every path to the output runs through the top level
-            warnings.warn(f"the U-Net's full-resolution width {cfg['ch'] * cfg['ch_mult'][0]} is below the {c} "
-                          'feature channels: its noise prediction cannot span every feature direction (a loss floor '
-                          f"of 1 - {cfg['ch'] * cfg['ch_mult'][0]}/{c}; the paper preset's 256 on 272, the official "
-                          "code's, is 6%); raise --ch")
+        width = cfg['ch'] * cfg['ch_mult'][0]           # every path to the output runs through the top level
+        if width < c:
+            warnings.warn(f"the U-Net's full-resolution width {width} is below the {c} feature channels: its noise "
+                          f'prediction cannot span every feature direction (a loss floor of 1 - {width}/{c}; the paper '
+                          "preset's 256 on 272, the official code's, is 6%); raise --ch")
         self.unet = UNet(c, cfg['ch'], cfg['ch_mult'], cfg['num_res_blocks'], cfg['attn_ds'],
                          cfg['num_heads'])
         self.register_buffer('abar', linear_abar(cfg['T']).float(), persistent=False)
