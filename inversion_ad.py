@@ -22,7 +22,8 @@ Following the official code where it differs from the paper text:
   include 0 and 999 (S=2: [0, 999]; S=4: [0, 333, 666, 999]), plus a final step to abar_next = 0,
   so the final latent is eps_theta(x_999, 999) and NFE = S (the paper writes tau_3 = [333, 666, 999]);
 - image score = minmax(NLL) + minmax(max - min of the norm map), with NLL = 1/2 sum z^2 + const and
-  the non-squared per-position L2 norm (Algorithm 1 writes squared norms); min-max over the
+  the non-squared per-position L2 norm (Algorithm 1 writes the plain norm ||x||_2 for the global term
+  and squared norms for the map: both squarings are swapped, as Sec. 4.4's likelihood); min-max over the
   evaluated test set of each category (transductive, score_norm='test'). score_norm='val' uses the
   min/max of the validation split stored in the checkpoint instead, and scores single images;
 - the pixel map is the norm map upsampled bilinearly (align_corners=False), no smoothing;
@@ -49,6 +50,8 @@ Deviations and assumptions:
   unit diffusion noise). The diffusion, inversion and scores are the paper's;
 - no checkpoint selection on the test set (the paper reports best-test-AUROC checkpoints, and
   "Ours*" tunes S per class on the test set): the last checkpoint is evaluated;
+- training uses train/good minus the validation split (--val_frac 0.1, which score_norm='val' and
+  --predict normalise by); the official code trains on all of train/good;
 - tiny preset (CPU), every value chosen on the validation proxy (val-split normals + 2
   Perlin-anomalous copies each), none on the test set: grid 32 (stride 4 at 128 px) of 2x2 blocks
   (12 channels); U-Net width 32 at all three levels (32/16/8, attention at 8x8), 1 ResBlock per
@@ -87,7 +90,8 @@ import common
 from common import UserError
 
 # -----------------------------------------------------------------------------
-# config: the defaults are the paper's (official v1 configs/exp_unet_ad/<class>.yml; pixel_norm: see above)
+# config: the defaults are the paper's (S = 2, its "Ours"; 1000 epochs) and otherwise the official v1
+# configs/exp_unet_ad/<class>.yml (pixel_norm: see above)
 
 config = dict(
     common.BASE_CONFIG,
