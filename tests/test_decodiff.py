@@ -159,20 +159,31 @@ def test_vae_weights_load_with_either_attention_naming(tmp_path):
         d.load_vae_weights(d.AutoencoderKL((8, 16), 1), str(tmp_path / 'missing'))
 
 
+def diffusers_layout_weights(vae, seed=0):
+    """Weights that depend only on the (diffusers) key names and shapes, not on how the modules are built:
+    each tensor in key order, ~1/sqrt(fan-in) for weights, 1 + 0.1 N for norm scales, 0.1 N for biases."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in sorted(vae.state_dict().items()):
+        r = torch.randn(v.shape, generator=g)
+        state[k] = r / math.sqrt(v[0].numel()) if v.dim() > 1 else (1 + 0.1 * r if 'norm' in k else 0.1 * r)
+    vae.load_state_dict(state)
+    return vae
+
+
 def test_vae_numerically_matches_diffusers():
-    """Optional parity: the same weights give the same posterior and decoding as diffusers."""
-    diffusers = pytest.importorskip('diffusers')
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(block_out_channels=[128, 128], layers_per_block=1, norm_num_groups=32,
-                                  down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2)
-    ours = d.AutoencoderKL((128, 128), 1)   # widths >= 128: 32 groups, as every layer of the SD VAE
-    ours.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in ref.state_dict().items()})
-    ref.load_state_dict(ours.state_dict())
-    x, z = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 16, 16)
+    """The same weights give diffusers' posterior and decoding. tests/decodiff_vae_diffusers_ref.pt holds
+    diffusers 0.42.1's outputs: AutoencoderKL(block_out_channels=[128, 128], layers_per_block=1,
+    norm_num_groups=32, 2 x DownEncoderBlock2D / UpDecoderBlock2D) loaded with these weights, x and z below."""
+    ours = diffusers_layout_weights(d.AutoencoderKL((128, 128), 1))   # widths >= 128: 32 groups, as the SD VAE
+    g = torch.Generator().manual_seed(1)
+    x, z = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.randn(1, 4, 16, 16, generator=g)
+    ref = torch.load(os.path.join(os.path.dirname(__file__), 'decodiff_vae_diffusers_ref.pt'), weights_only=True)
     with torch.no_grad():
-        post, (mean, logvar) = ref.encode(x).latent_dist, ours.encode(x)
-        assert torch.allclose(post.mean, mean, atol=1e-5) and torch.allclose(post.logvar, logvar, atol=1e-5)
-        assert torch.allclose(ref.decode(z).sample, ours.decode(z), atol=1e-4)
+        mean, logvar = ours.encode(x)
+        torch.testing.assert_close(mean, ref['mean'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logvar, ref['logvar'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.decode(z), ref['decoded'], atol=1e-4, rtol=1e-4)
 
 
 def test_map_is_on_the_minus1_1_scale_whichever_input_range():
@@ -433,6 +444,27 @@ def test_corrector_loss_by_hand():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_autoencoder_loss_by_hand():
+    """Stage 1: L1 of the decoded posterior sample + ae_kl * KL(N(mean, var) || N(0, I)), each summed
+    per image, over the pixel count, on one random crop of the [-1, 1] image."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    cfg = dict(model.cfg, ae_crop=16, ae_kl=0.5)    # a large KL weight: its sign and size both show
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = d.autoencoder_loss(model, dict(image=x), torch.Generator().manual_seed(0), cfg)
+        g = torch.Generator().manual_seed(0)
+        i, j = torch.randint(0, 17, (2,), generator=g).tolist()
+        crop = x[..., i:i + 16, j:j + 16] * 2 - 1
+        mean, logvar = model.vae.encode(crop)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        var = logvar.exp()
+        kl = 0.5 * (mean ** 2 + var - 1 - var.log()).flatten(1).sum(1)
+        l1 = (model.vae.decode(z) - crop).abs().flatten(1).sum(1)
+    assert (kl > 0).all()
+    torch.testing.assert_close(got, (l1 + 0.5 * kl).mean() / (3 * 16 * 16), rtol=1e-5, atol=1e-7)
+
+
 def test_score_is_the_max_of_the_map():
     torch.manual_seed(0)
     model = tiny_model(image_size=32)
@@ -459,12 +491,14 @@ def test_lr_warmup_then_cosine_closed_form():
 def test_stage_schedules(tmp_path, monkeypatch):
     """The small AE trains with 50 warm-up steps and a cosine to 0 at ae_lr; the corrector with
     (steps, lr, min_lr, warmup_steps)."""
-    calls = []
-    monkeypatch.setattr(d, 'fit', lambda *a, **k: calls.append((a[1], a[7])))
-    model, _ = d.train(small_cfg(tmp_path))
+    calls, anomalies = [], []
+    monkeypatch.setattr(d, 'fit', lambda *a, **k: (calls.append((a[1], a[7])), anomalies.append(a[8:])))
+    model, _ = d.train(small_cfg(tmp_path, '--ae_anomaly', '0.3'))
     cfg = model.cfg
     assert calls == [('ae', (cfg['ae_steps'], cfg['ae_lr'], 0.0, 50)),
                      ('diffusion', (cfg['steps'], cfg['lr'], cfg['min_lr'], cfg['warmup_steps']))]
+    ae, corrector = anomalies                       # Perlin anomalies on ae_anomaly of the AE's images only
+    assert ae[0].func is common.perlin_anomaly and ae[0].keywords['p'] == 0.3 and corrector == ()
 
 
 def test_latent_term_blur_scales_with_the_latent_grid():
