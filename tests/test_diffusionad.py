@@ -83,6 +83,7 @@ def test_norm_guidance_closed_form(tmp_path):
         assert len(calls) == 1
         x_ts, x_tb = d.q_sample(model.abar, x0, t_s, eps_s), d.q_sample(model.abar, x0, t_b, eps_b)
         torch.testing.assert_close(e_s, model.unet(x_ts, t_s), atol=1e-5, rtol=0)   # batched = separate
+        torch.testing.assert_close(e_b, model.unet(x_tb, t_b), atol=1e-5, rtol=0)   # (both levels)
         x0_s = d.x0_from_eps(model.abar, x_ts, t_s, e_s)
         n = d.x0_from_eps(model.abar, x_tb, t_b, e_b).clamp(-1, 1)
     c = w * (1 - model.abar[t_s]).view(-1, 1, 1, 1)
@@ -437,6 +438,10 @@ def test_new_attention_and_resblocks_are_the_identity(tmp_path):
     assert att and all(torch.equal(m(x), x) for m in att if m.qkv.in_channels == 32)
     for m in att:
         assert not m.proj.weight.any() and not m.proj.bias.any()
+    temb = torch.randn(2, unet.time[-1].out_features)
+    same = [m for m in unet.modules() if isinstance(m, d.ResBlock) and m.resample is None
+            and m.conv1.in_channels == m.conv1.out_channels == 32]
+    assert same and all(torch.equal(m(x, temb), x) for m in same)
 
 
 def test_attention_runs_only_at_the_attention_resolutions(tmp_path):
