@@ -348,12 +348,15 @@ class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, ds = cfg, [2 ** i for i in range(len(cfg['ch_mult']))]   # factor of each level
+        widths = [cfg['ch'] * m for m, f in zip(cfg['ch_mult'], ds) if f in cfg['attn_ds']]   # with attention,
+        widths.append(cfg['ch'] * cfg['ch_mult'][-1])                                       # the middle's too
         for bad, fix in ((cfg['feature_size'] < 1 or cfg['feature_size'] % ds[-1],
                           f'--feature_size must be a positive multiple of {ds[-1]}'),
                          (cfg['T'] <= 20, f"--T must be above 20: the betas 1e-4..0.02 are scaled by 1000 / T "
                           f"(got {cfg['T']})"),
-                         (cfg['num_heads'] < 1 or cfg['ch'] % 32 or cfg['ch'] % cfg['num_heads'],
-                          '--ch must be a multiple of 32 (GroupNorm) and of --num_heads'),
+                         (cfg['ch'] % 32, f"--ch must be a multiple of 32 (GroupNorm; got {cfg['ch']})"),
+                         (cfg['num_heads'] < 1 or any(w % cfg['num_heads'] for w in widths),   # (middle's included)
+                          f"--num_heads {cfg['num_heads']} must divide each attention width {tuple(widths)}"),
                          (not set(cfg['attn_ds']) <= set(ds), f'--attn_ds must be among {ds}'),
                          (cfg['pixel_norm'] not in ('imagenet', 'half'), '--pixel_norm must be imagenet or half'),
                          (cfg['block'] < 1, '--block must be at least 1'),

@@ -282,16 +282,18 @@ def test_cli_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='--S expects int'):
         common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
     for flags, message in ((['--feature_size', '6', '--ch_mult', '1,2,2'], 'feature_size must be a positive multiple of 4'),
-                           (['--ch', '48'], 'multiple of 32'), (['--num_heads', '3'], 'multiple of 32'),
+                           (['--ch', '48'], 'multiple of 32'), (['--num_heads', '3'], r'divide each attention width \(64, 64\)'),
                            (['--attn_ds', '3'], r'--attn_ds must be among \[1, 2\]'),
                            (['--pixel_norm', 'imagnet'], 'imagenet or half'),
                            (['--score_norm', 'vall'], 'test or val'),
                            (['--block', '0'], 'block must be at least 1'),
                            (['--feature_size', '0'], 'feature_size must be a positive multiple of 2'),
-                           (['--num_heads', '0'], 'multiple of 32 .GroupNorm. and of --num_heads'),  # not a modulo by 0
+                           (['--num_heads', '0'], '--num_heads 0 must divide'),                 # not a modulo by 0
                            (['--T', '20'], r'--T must be above 20: the betas 1e-4\.\.0\.02 are scaled')):   # beta = 1
         with pytest.raises(common.UserError, match=message):             # at once, not at the first step
             ia.Model(tiny_cfg(tmp_path, *flags))
+    unet = ia.Model(tiny_cfg(tmp_path, '--num_heads', '64')).unet       # 64 divides the attention widths, not ch
+    assert unet(torch.randn(1, unet.down[0][0].in_channels, 4, 4), torch.tensor([5])).isfinite().all()
     with pytest.warns(UserWarning, match=r"full-resolution width 32 is below the 272 feature channels"):
         ia.Model(tiny_cfg(tmp_path, '--backbone', 'efficientnet_b4'))      # the tiny net on ImageNet features
     with warnings.catch_warnings():
