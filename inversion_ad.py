@@ -34,7 +34,10 @@ Following the official code where it differs from the paper text:
 Deviations and assumptions:
 - backbone (paper preset, --backbone efficientnet_b4): timm tf_efficientnet_b4 (the TF-ported weights
   of the official lukemelas EfficientNet), stages 1-4 = 24+32+56+160 = 272 channels at strides
-  2/4/8/16, each resized bilinearly to one feature_size grid (16 at 256 px, as the paper). Pixels are
+  2/4/8/16, each resized bilinearly to one feature_size grid (16 at 256 px, as the paper). timm pads
+  its stride-2 convs for the input's size (TF 'SAME'), lukemelas for 380 px: at 256 px stage 3's 5x5
+  stride-2 conv pads 1 left/top, 2 right/bottom instead of 2 all round, so the stage 3-4 maps sit one
+  stride-4 pixel off the official ones (not reproduced; its effect cannot be measured offline). Pixels are
   ImageNet-normalised (the weights' own normalisation, the official HEAD's); pixel_norm='half' gives
   the v1 code's (x - 0.5) / 0.5. The paper preset loads the weights from the timm cache (an error if
   absent); with --backbone_weights '' the backbone is random with BatchNorm statistics recalibrated
