@@ -22,10 +22,11 @@ Following the official code where it differs from the paper text:
   include 0 and 999 (S=2: [0, 999]; S=4: [0, 333, 666, 999]), plus a final step to abar_next = 0,
   so the final latent is eps_theta(x_999, 999) and NFE = S (the paper writes tau_3 = [333, 666, 999]);
 - image score = minmax(NLL) + minmax(max - min of the norm map), with NLL = 1/2 sum z^2 + const and
-  the non-squared per-position L2 norm (Algorithm 1 writes the plain norm ||x||_2 for the global term
-  and squared norms for the map: both squarings are swapped, as Sec. 4.4's likelihood); min-max over the
-  evaluated test set of each category (transductive, score_norm='test'). score_norm='val' uses the
-  min/max of the validation split stored in the checkpoint instead, and scores single images;
+  the non-squared per-position L2 norm of Eq. 17 (Algorithm 1 writes an unsquared ||x||_2 for the
+  first term, whose official form is Sec. 4.4's log-likelihood, and squared norms for the map);
+  min-max over the evaluated test set of each category (transductive, score_norm='test').
+  score_norm='val' uses the min/max of the validation split stored in the checkpoint instead, and
+  scores single images;
 - the pixel map is the norm map upsampled bilinearly (align_corners=False), no smoothing;
 - the U-Net is unconditional (the official code passes class labels under a key the network
   ignores); the raw weights are evaluated, as the official code does; the EMA (0.999) is kept in

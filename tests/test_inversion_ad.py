@@ -282,7 +282,8 @@ def test_cli_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match='--S expects int'):
         common.get_config(ia.config, ia.PRESETS, ['--S', 'two'], ia.__file__)
     for flags, message in ((['--feature_size', '6', '--ch_mult', '1,2,2'], 'feature_size must be a positive multiple of 4'),
-                           (['--ch', '48'], 'multiple of 32'), (['--num_heads', '3'], r'divide each attention width \(64, 64\)'),
+                           (['--ch', '48'], 'multiple of 32'),
+                           (['--num_heads', '3'], r'divide each attention width \(64, 64\)'),
                            (['--attn_ds', '3'], r'--attn_ds must be among \[1, 2\]'),
                            (['--pixel_norm', 'imagnet'], 'imagenet or half'),
                            (['--score_norm', 'vall'], 'test or val'),
