@@ -27,12 +27,13 @@ def texts():
 def commands():
     """(file, line, script, args) of every `python X.py ...` and `torchrun ... X.py ...` in a text, with
     line continuations joined and shell comments, [optional] brackets and what follows `;` dropped;
-    the README's seed loop variable becomes a seed and `<method>.py` stands for each method."""
+    the README's seed loop variable becomes a seed and `<method>.py` or `$m.py` stands for each method."""
     out = []
     for where, text in texts():
         for line in text.replace('\\\n', ' ').splitlines():
-            for m in re.finditer(r'(?:python|torchrun(?: --[\w=]+)*) (\w+|<method>)\.py\b([^;#&`]*)', line):
+            for m in re.finditer(r'(?:python|torchrun(?: --[\w=]+)*) (\w+|<method>|\$m)\.py\b([^;#&`]*)', line):
                 command = ' '.join(m.groups()).replace('[', ' ').replace(']', ' ').replace('$s', '0')
+                command = command.replace('$m', '<method>')
                 for method in common.METHODS if '<method>' in command else ['']:
                     script, *args = shlex.split(command.replace('<method>', method))
                     out.append((where, line.strip(), script, [a for a in args if a not in ('-h', '--help')]))

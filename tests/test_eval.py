@@ -647,6 +647,17 @@ def test_the_mean_row_is_the_mean_over_categories():
 
 
 @pytest.mark.filterwarnings('ignore::UserWarning')   # undefined metrics of toy data
+def test_extra_scores_get_their_own_image_auroc_per_category():
+    """results['extra'][category][name]: the image AUROC of predict's scores[name], not of its score."""
+    def two_scores(batch):
+        out = channel0(batch)
+        return dict(out, scores=dict(neg=-out['score'], same=out['score']))
+    r = E.evaluate(FnModel(two_scores), dataset(three_categories()), quiet=True)
+    for c in 'abc':
+        assert r['extra'][c] == dict(neg=1 - r['metrics'][c]['image_auroc'], same=r['metrics'][c]['image_auroc'])
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')   # undefined metrics of toy data
 def test_a_category_with_an_undefined_metric_makes_the_mean_undefined():
     """A category without anomalies has NaN image metrics; the mean row must be NaN,
     not the mean of the other categories."""

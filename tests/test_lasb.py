@@ -137,6 +137,40 @@ def test_codebook_ema_and_dead_code_restart():
     assert len(vq.codes(h).unique()) > 1                          # no collapse onto one code
 
 
+def test_only_codes_idle_for_restart_updates_jump_to_the_data():
+    """A used code's idle count resets at every update; an unused one counts up, barely moves (its EMA
+    sum and count shrink together) and jumps onto an encoder output at the restart-th idle update."""
+    torch.manual_seed(0)
+    vq = lasb.VectorQuantizer(8, 3, beta=0.25, decay=0.5, restart=3)
+    vq.idle.zero_()
+    h = torch.randn(2, 3, 4, 4) * 0.1 + 5.0                       # far from the N(0,1) codes: few are used
+    flat, e0 = h.permute(0, 2, 3, 1).reshape(-1, 3), vq.embed.clone()
+    used = torch.bincount(vq.codes(h).flatten(), minlength=8) > 0
+    assert 0 < used.sum() < 8
+    for step in range(3):
+        idx = vq.codes(h)
+        assert torch.equal(torch.bincount(idx.flatten(), minlength=8) > 0, used)
+        vq.update(h, idx, torch.Generator().manual_seed(step))
+        if step < 2:
+            assert torch.equal(vq.idle, torch.where(used, 0.0, step + 1.0))
+            torch.testing.assert_close(vq.embed[~used], e0[~used], rtol=1e-3, atol=0)
+    is_row = lambda e: bool((e == flat).all(1).any())
+    assert all(is_row(e) for e in vq.embed[~used]) and not any(is_row(e) for e in vq.embed[used])
+    assert not vq.idle.any()
+
+
+def test_ssim_of_an_image_with_itself_and_of_two_constants():
+    """Wang et al.'s SSIM: 1 for identical images; for constant images c, d (no variance, no
+    covariance) the luminance term alone, (2cd + C1) / (c^2 + d^2 + C1)."""
+    a = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    assert lasb.ssim(a, a).item() == pytest.approx(1.0, abs=1e-5)
+    c, d = 0.2, 0.7
+    got = lasb.ssim(torch.full((1, 3, 16, 16), c), torch.full((1, 3, 16, 16), d)).item()
+    assert got == pytest.approx((2 * c * d + 1e-4) / (c * c + d * d + 1e-4), rel=1e-3)   # float32 variances
+    noisy = (a + 0.1 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert 0 < lasb.ssim(a, noisy).item() < 0.95 and lasb.ssim(a, noisy) == lasb.ssim(noisy, a)
+
+
 def test_codebook_ema_update_is_its_closed_form():
     """One update with no restart: counts and sums are exponential moving averages (decay 0.5 here),
     counts Laplace-smoothed, and each code is its smoothed sum over its smoothed count."""
@@ -153,14 +187,19 @@ def test_codebook_ema_update_is_its_closed_form():
 
 
 def test_training_regresses_the_eq_12_label(tmp_path, monkeypatch):
-    """The stage-2 loop of train() itself (not a copy of it) fits (z_t - z0) / std_fwd[n]."""
-    seen, checked = {}, []
-    q_sample, mse = lasb.Bridge.q_sample, F.mse_loss
+    """The loops of train() itself (not copies): stage 2 bridges each latent_pair (z0 = E(x), z1 = E(x~))
+    in that order and fits (z_t - z0) / std_fwd[n]; stage 1 steps the codebook after every step."""
+    seen, checked, pairs, updates = {}, [], [], []
+    q_sample, mse, pair, update = lasb.Bridge.q_sample, F.mse_loss, lasb.latent_pair, lasb.VectorQuantizer.update
 
     def q_spy(self, n, z0, z1, eps):
+        assert z0 is pairs[-1][0] and z1 is pairs[-1][1]             # normal end z0, anomalous end z1
         zt = q_sample(self, n, z0, z1, eps)
         seen.update(n=n, z0=z0, zt=zt, bridge=self)
         return zt
+    monkeypatch.setattr(lasb, 'latent_pair', lambda *a: pairs.append(pair(*a)) or pairs[-1])
+    monkeypatch.setattr(lasb.VectorQuantizer, 'update', lambda self, *a: updates.append(self.embed.clone())
+                        or update(self, *a))
 
     def mse_spy(pred, target, *args, **kwargs):
         if seen:
@@ -171,8 +210,9 @@ def test_training_regresses_the_eq_12_label(tmp_path, monkeypatch):
         return mse(pred, target, *args, **kwargs)
     monkeypatch.setattr(lasb.Bridge, 'q_sample', q_spy)
     monkeypatch.setattr(lasb.F, 'mse_loss', mse_spy)
-    lasb.train(micro_cfg(tmp_path, '--ae_steps', '2', '--steps', '2'))
-    assert len(checked) == 2
+    model, _ = lasb.train(micro_cfg(tmp_path, '--ae_steps', '2', '--steps', '2'))
+    assert len(checked) == 2 and len(pairs) == 2
+    assert len(updates) == 2 and not torch.equal(model.ae.vq.embed, updates[0])   # the codebook moved
 
 
 def test_bridge_loss_decreases_on_a_fixed_batch():
@@ -408,13 +448,16 @@ def test_bridge_lr_steps_down_every_1000_steps(tmp_path, monkeypatch):
     model = lasb.Model(cfg).eval()
     data = common.load_dataset(model.cfg, 'train')
     opt = torch.optim.AdamW(lasb.UNet(cfg).parameters(), lr=cfg['lr'], weight_decay=0.0)
-    msgs = []
+    msgs, stepped, adamw_step = [], [], torch.optim.AdamW.step
     monkeypatch.setattr(lasb, 'progress', lambda cfg, stage, step, total, clock, msg: msgs.append((step, msg)) or 0.0)
     monkeypatch.setattr(common, 'save', lambda *a, **k: None)
+    monkeypatch.setattr(torch.optim.AdamW, 'step', lambda self, *a, **k: (stepped.append(self.param_groups[0]['lr']),
+                                                                          adamw_step(self, *a, **k))[1])
     lasb.train_bridge(model, data, model.cfg, dict(step=999, net=model.unet.state_dict(), opt=opt.state_dict()),
                       dict(seconds=0.0, start=time.time()))
     lrs = {step: float(re.search(r'lr (\S+)', msg).group(1)) for step, msg in msgs}
     assert lrs == {1000: 1e-3, 1001: 1e-4, 1002: 1e-4}             # steps 999, 1000, 1001 (0-based)
+    assert stepped == pytest.approx([1e-3, 1e-4, 1e-4], rel=1e-12)   # what the optimiser used, as logged
 
 
 def test_network_time_table():
