@@ -45,6 +45,10 @@ def test_schedule_symmetry_and_endpoints():
     assert s['std_fwd'][-1] == pytest.approx(total) and s['std_bwd'][0] == pytest.approx(total)
     assert total == pytest.approx(0.37554, abs=1e-4)
     np.testing.assert_allclose(s['mu0'] + s['mu1'], 1.0, rtol=1e-12)
+    for n in (0, 250, 600, 999):                                  # I2SB's Gaussian product, by its sums
+        fwd, bwd = sum(s['betas'][:n + 1]), sum(s['betas'][n:])   # sigma_n^2 and bar sigma_n^2
+        np.testing.assert_allclose([s['mu0'][n], s['mu1'][n], s['std_sb'][n] ** 2],
+                                   [bwd / (fwd + bwd), fwd / (fwd + bwd), fwd * bwd / (fwd + bwd)], rtol=1e-10)
     assert s['std_sb'].argmax() in (499, 500) and s['std_sb'].max() == pytest.approx(0.18789, abs=1e-4)
     b = paper_bridge()                                            # the model keeps float32 buffers
     assert all(v.dtype == torch.float32 for v in b.buffers())
