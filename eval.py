@@ -121,8 +121,7 @@ def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'
     """Run the protocol over every category of dataset; print the table (with the baselines) and
     write out_dir/results.json (+ heatmaps/<category>/*.png; train_versions: those a re-evaluated
     checkpoint was trained with). Returns the results dict."""
-    cfg, timer, metrics, extra = model.cfg, dict(s=0.0, n=0, nfe={}), {}, {}
-    model.eval()
+    cfg, timer, metrics, extra = model.eval().cfg, dict(s=0.0, n=0, nfe={}), {}, {}
     for ci, cat in enumerate(dataset.categories):
         idx = (dataset.cls == ci).nonzero()[:, 0]
         if len(idx) == 0:
@@ -146,10 +145,10 @@ def evaluate(model, dataset, out_dir=None, heatmaps=0, train_seconds=float('nan'
         versions=dict(common.versions(), **({'trained_with': train_versions} if train_versions else {})),
         metrics=metrics, extra=extra, nfe=timer['nfe'], ms_per_image=1000 * timer['s'] / max(timer['n'], 1),
         train_seconds=train_seconds, params=dict(params, total=sum(p.numel() for p in model.parameters())))
+    if out_dir:                                   # before the baselines, which read the training split
+        write_json(os.path.join(out_dir, 'results.json'), results)
     if not quiet:
         print_table(results, baselines(cfg))
-    if out_dir:
-        write_json(os.path.join(out_dir, 'results.json'), results)
     return results
 
 
@@ -204,9 +203,9 @@ def _panel(image, mask, amap, lo, hi, recon=None):
     """image | ground-truth outline | map overlay | reconstruction; all (H,W,3) uint8."""
     img = np.uint8(255 * np.clip(image, 0, 1))
     outline = img.copy()
-    if mask is not None:
-        edge = mask ^ np.roll(mask, 1, 0) | mask ^ np.roll(mask, 1, 1)
-        outline[edge] = (255, 0, 0)
+    if mask is not None:                          # pixels unlike their upper or left neighbour (0 outside the image)
+        m = np.pad(mask, ((1, 0), (1, 0)))
+        outline[(mask ^ m[:-1, 1:]) | (mask ^ m[1:, :-1])] = (255, 0, 0)
     overlay = np.uint8(0.5 * img + 0.5 * _jet(np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)))
     tiles = [img, outline, overlay] + ([np.uint8(255 * np.clip(recon, 0, 1))] if recon is not None else [])
     return np.concatenate(tiles, 1)
@@ -247,7 +246,8 @@ def evaluate_checkpoint(path, argv):
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path      # a run folder: its ckpt.pt
     named = {**({'step': ckpt['step']} if ckpt.get('final') is False else {}), **typed}    # mid-run or overridden:
     tag = re.sub(r'[^\w.,=+-]+', '-', '_'.join(f'{k}{v}' for k, v in named.items()))      # its own folder,
-    out_dir = out_dir or os.path.join(os.path.dirname(path), f'eval_{tag}' if tag else '')   # not the run's
+    out_dir = out_dir or os.path.join(os.path.dirname(path) or '.', f'eval_{tag}' if tag else '')   # not the run's
+    model.cfg.update(heatmaps=heatmaps, out_dir=out_dir)                       # this evaluation's, in results.json
     return evaluate(model, common.load_dataset(model.cfg, 'test'), out_dir, heatmaps,
                     ckpt.get('train_seconds', float('nan')), train_versions=ckpt.get('versions'))
 

@@ -64,6 +64,38 @@ def test_heatmaps_share_one_colour_scale_per_category(tmp_path):
     assert np.abs(tile.astype(int) - want).max() <= 1 and np.abs(tile.astype(int) - stretched).max() > 50
 
 
+def test_mask_outline_does_not_wrap_around_the_image():
+    """The ground-truth outline marks the mask's own border pixels; a defect touching the bottom edge
+    draws nothing on the top row (np.roll would wrap it there)."""
+    mask = np.zeros((8, 8), bool)
+    mask[5:8, 2:4] = True
+    red = (E._panel(np.zeros((8, 8, 3)), mask, np.zeros((8, 8)), 0, 1)[:, 8:16] == (255, 0, 0)).all(-1)
+    want = np.zeros((8, 8), bool)
+    want[5, 2:4] = want[5:8, 2] = True                   # first rows/columns inside, from the top and the left
+    want[5:8, 4] = True                                  # and the first column right of it
+    assert np.array_equal(red, want)
+
+
+def test_results_are_written_before_the_baselines_run(tmp_path, monkeypatch):
+    """An evaluation's results.json survives a failure in the baselines (e.g. a data root without train/)."""
+    def no_baselines(cfg):
+        raise UserError('no images in train/good')
+    monkeypatch.setattr(E, 'baselines', no_baselines)
+    with pytest.raises(UserError, match='no images'):
+        E.evaluate(FnModel(channel0), dataset(three_categories()), str(tmp_path))
+    assert json.load(open(tmp_path / 'results.json'))['metrics']['a']['image_auroc'] == 1.0
+
+
+def test_reevaluation_from_inside_the_run_folder_rewrites_its_results(tmp_path, monkeypatch):
+    """`cd out/<run>; python eval.py ckpt.pt --heatmaps 1`: the run's results.json and heatmaps are written
+    (not silently skipped), and its config records this evaluation's heatmaps."""
+    out = toy(tmp_path, '--category', 'weave')
+    os.remove(os.path.join(out, 'results.json'))
+    monkeypatch.chdir(out)
+    E.main(['ckpt.pt', '--heatmaps', '1'])
+    assert json.load(open('results.json'))['config']['heatmaps'] == 1 and len(os.listdir('heatmaps/weave')) == 1
+
+
 def test_run_baselines_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     E.main(['--baselines', '--category', 'weave'])
