@@ -196,6 +196,8 @@ def _check_shared(cfg):
     _check_values(cfg)
     if cfg['train'] and cfg['eval']:
         raise UserError('--train trains and then evaluates, --eval only evaluates a saved run: give one of them')
+    if cfg['data'] not in ('synthetic', *WHERE):     # (else --category each met it as a KeyError)
+        raise UserError(f"unknown data {cfg['data']!r}; choose synthetic, {', '.join(WHERE)}")
     if not 0 <= cfg['val_frac'] < 1:
         raise UserError(f"--val_frac is the share of train/good held out: 0 <= val_frac < 1 (got {cfg['val_frac']})")
     if cfg.get('dtd_root'):
@@ -214,8 +216,10 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         del cli_args['device']
     data = cli_args.get('data', defaults['data'])
     preset = cli_args.get('preset', defaults['preset'])
-    saved = os.path.join(cli_args['out_dir'], 'ckpt.pt') if cli_args.get('out_dir') else ''   # --eval/--resume:
-    known = preset == 'auto' and (cli_args.get('eval') or cli_args.get('resume')) and os.path.isfile(saved)
+    root = cli_args.get('out_dir', '')     # --eval/--resume: its checkpoint, or an 'each' run's first member's
+    members = glob.glob(os.path.join(glob.escape(root), '*', 'ckpt.pt')) if cli_args.get('category') == 'each' else []
+    saved = next((p for p in [os.path.join(root, 'ckpt.pt')] + sorted(members) if root and os.path.isfile(p)), '')
+    known = preset == 'auto' and (cli_args.get('eval') or cli_args.get('resume')) and bool(saved)
     if known:         # the run's preset (not the guess from --data, which its keys may contradict: that is said)
         preset = read_checkpoint(saved, mmap=True).get('preset', preset)     # (older files: the guess)
     if preset == 'auto':
@@ -254,11 +258,13 @@ def pick_device(name='auto'):
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     try:
-        kind = torch.device(name).type
+        kind, index = torch.device(name).type, torch.device(name).index
     except RuntimeError:
         raise UserError(f'--device {name!r}: use auto, cpu, cuda, cuda:N or mps')
     if not dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available()).get(kind, True):
         raise UserError(f'--device {name}: no {kind} device here; use --device cpu')
+    if kind == 'cuda' and index is not None and index >= (n := torch.cuda.device_count()):
+        raise UserError(f'--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}')
     if kind == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1381,7 +1387,7 @@ def _curves(y, s):
     """Sort once (descending); cumulative true/false positives at every distinct threshold."""
     if len(y) != len(s):
         raise ValueError(f'{len(y)} labels but {len(s)} scores (one per image, or per mask and map pixel)')
-    s, order = torch.from_numpy(s).sort(descending=True)   # faster than np.argsort on 2 cores
+    s, order = torch.from_numpy(np.ascontiguousarray(s)).sort(descending=True)   # faster than np.argsort on 2 cores
     s, order = s.numpy(), order.numpy()
     last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]   # last index of each threshold
     tps = np.cumsum(y[order], dtype=np.int64)[last]

@@ -73,6 +73,7 @@ def test_config_forms_types_and_presets(capsys):
     (['--seed', str(2 ** 64)], '--seed must lie between -2^63 and 2^63'),    # torch.manual_seed would overflow
     (['--lr', 'nan'], '--lr must be a finite number (got nan)'),              # Adam would raise a traceback
     (['--val_frac', '-0.2'], '0 <= val_frac < 1 (got -0.2)'),      # would swap the train and val shares
+    (['--data', 'mvtech', '--preset', 'tiny', '--category', 'each'], "unknown data 'mvtech'"),   # not a KeyError in run()
     (['--train', '--eval'], '--eval only evaluates a saved run: give one of them'),
     (['--dtd_root', '/nonexistent'], 'no DTD images at /nonexistent'),
     (['--device', 'gpu'], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
@@ -556,6 +557,12 @@ def test_image_metrics_match_scikit_learn_with_ties():
         assert m['image_f1max'] == pytest.approx(f1, abs=1e-12)
 
 
+def test_image_metrics_take_any_array_layout():
+    """A reversed (negative-stride) view scores as the same labels and scores in order."""
+    y, s = np.array([0, 1, 0, 1, 1]), np.array([0.1, 0.9, 0.4, 0.35, 0.8])
+    assert common.image_metrics(y[::-1], s[::-1]) == common.image_metrics(y, s)
+
+
 def test_pixel_metrics_match_scikit_learn():
     rng = np.random.default_rng(1)
     masks = np.zeros((6, 20, 20), bool)
@@ -810,6 +817,26 @@ def test_a_file_held_open_elsewhere_is_replaced_when_released_or_named_in_an_err
     with pytest.raises(UserError, match=r'cannot replace .*results.json \(Access is denied\): is it open in another'):
         common.write_atomic(path, lambda f: f.write('newer'), 'w')
     assert open(path).read() == 'new' and os.listdir(tmp_path) == ['results.json'] and len(waits) == 6
+
+
+def test_resume_of_an_each_run_takes_the_preset_its_members_were_trained_with(tmp_path):
+    """An 'each' run keeps its checkpoints in <out_dir>/<category>/: --resume without --preset takes the
+    preset from them, not the guess from --data (which filled not-reached categories with the other
+    preset's values under this preset's name)."""
+    common.save(str(tmp_path / 'weave' / 'ckpt.pt'), Tiny(dict(cfg_of('--preset', 'paper', '--device', 'cpu'),
+                                                                category='weave')), step=5)
+    cfg = cfg_of('--out_dir', str(tmp_path), '--category', 'each', '--resume', '--device', 'cpu')
+    assert cfg['preset'] == 'paper' and cfg['steps'] == 1000       # synthetic data would have meant tiny (5)
+
+
+def test_a_cuda_device_that_does_not_exist_is_a_clear_error(monkeypatch):
+    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):       # pick_device sets them
+        monkeypatch.setattr(flags, 'allow_tf32', flags.allow_tf32)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert common.pick_device('cuda:1') == 'cuda:1' and common.pick_device('cuda') == 'cuda'
+    with pytest.raises(UserError, match=r'--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1'):
+        common.pick_device('cuda:2')
 
 
 def test_a_look_at_a_checkpoint_holds_no_mapped_tensor(tmp_path):
