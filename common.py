@@ -662,6 +662,9 @@ def resume(cfg, Model):
     ckpt = read_checkpoint(path)
     saved, given = saved_config(ckpt, Model), _given(cfg)
     changed = [k for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
+    if 'backbone_weights' in changed:       # read when the run started; the backbone is in the checkpoint
+        raise UserError(f"--backbone_weights cannot change on --resume: the run's backbone "
+                        f"({saved['backbone_weights'] or 'random init'}) is in its checkpoint")
     for key in changed:
         print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
     typed = tuple(dict.fromkeys((*saved.get('cli_keys', ()), *cfg.get('cli_keys', ()))))   # over the run's life

@@ -421,7 +421,7 @@ class Model(nn.Module):
         with common.autocast(x.device, cfg['dtype']):
             logits, x0_g, _, _ = self(x, t_s, t_b, eps[:, 0], eps[:, 1])
         amap = torch.sigmoid(logits.float())
-        k = max(1, round(cfg['top_k'] * H * W / 256 ** 2))
+        k = min(H * W, max(1, round(cfg['top_k'] * H * W / 256 ** 2)))
         recon = x0_g if cfg['input_range'] == '01' else (x0_g + 1) / 2
         return dict(map=amap, score=amap.flatten(1).topk(k, 1).values.mean(1),
                     recon=recon.float().clamp(0, 1), nfe={'unet': 2, 'seg': 1})
@@ -564,6 +564,9 @@ def train(cfg):
     steps = cfg['steps'] or cfg['epochs'] * max(1, len(data) // cfg['batch_size'])   # drop_last, as official
     if steps < 1:
         raise common.UserError(f"--steps {cfg['steps']} and --epochs {cfg['epochs']}: nothing to train")
+    if cfg['batch_size'] // common.rank_world()[1] < 2 and cfg['image_size'] >> (cfg['seg_levels'] - 1) < 2:
+        raise common.UserError("the segmentation net's BatchNorm needs more than one value per channel: with its "
+                               '1x1 bottleneck (image_size / 2^(seg_levels - 1)) train on >= 2 images per rank')
     batches = common.train_batches(data, cfg, step,
                                    functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))
     net = torch.compile(model) if cfg['compile'] else model   # shares the weights of model

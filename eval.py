@@ -314,7 +314,7 @@ def predict(ckpt, image_path, out='', argv=()):
     panel = _panel(F.interpolate(x, size=amap.shape)[0].numpy().transpose(1, 2, 0), None, amap, amap.min(), amap.max())
     common.write_atomic(out, lambda f: Image.fromarray(panel).save(f, 'PNG'))
     if not np.isfinite(score := float(o['score'][0])):   # e.g. InversionAD saved before its validation statistics
-        raise UserError(f'{ckpt} scores this image {score}: saved before its training finished, or a bug in its predict')
+        raise UserError(f'{ckpt} scores this image {score}: saved mid-run or without the statistics it needs, or a bug')
     print(f'{image_path}: score {score:.6g} ({model.cfg["method"]}; higher = more anomalous); '
           f'heatmap (colours scaled to this image) -> {out}')
     return score, amap

@@ -55,7 +55,8 @@ Deviations and assumptions:
 - no checkpoint selection on the test set (the paper reports best-test-AUROC checkpoints, and
   "Ours*" tunes S per class on the test set): the last checkpoint is evaluated;
 - training uses train/good minus the validation split (--val_frac 0.1, which score_norm='val' and
-  --predict normalise by); the official code trains on all of train/good;
+  --predict normalise by); the official code trains on all of train/good: --val_frac 0 (no
+  validation statistics then, so score_norm='test' only);
 - tiny preset (CPU), every value chosen on the validation proxy (val-split normals + 2
   Perlin-anomalous copies each), none on the test set: grid 32 (stride 4 at 128 px) of 2x2 blocks
   (12 channels); U-Net width 32 at all three levels (32/16/8, attention at 8x8), 1 ResBlock per
@@ -452,8 +453,8 @@ class Model(nn.Module):
             nll, sp = outs['scores']['nll'], outs['scores']['spatial']
             outs['score'] = minmax(nll, nll.min(), nll.max()) + minmax(sp, sp.min(), sp.max())
         elif self.val_stats.isnan().any():
-            raise UserError('--score_norm val: this checkpoint was saved before training ended and has no '
-                            'validation statistics yet; finish the run with --resume, or use --score_norm test')
+            raise UserError('--score_norm val: this checkpoint has no validation statistics (saved before training '
+                            'ended: finish it with --resume; or trained with --val_frac 0); use --score_norm test')
         return outs
 
 # -----------------------------------------------------------------------------
@@ -533,7 +534,8 @@ def train(cfg):
     if resume:                                   # the run keeps the checkpoint's config (common.resume)
         model, ckpt = common.resume(cfg, Model)
         cfg = model.cfg
-    train_set, val_set = common.load_dataset(cfg, 'train'), common.load_dataset(cfg, 'val')
+    train_set = common.load_dataset(cfg, 'train')           # val: the statistics of score_norm='val'
+    val_set = common.load_dataset(cfg, 'val') if cfg['val_frac'] else None  # (--val_frac 0: all of train/good)
     if not resume:                               # build() keeps cfg as model.cfg and completes it
         model, ckpt = build(cfg, train_set), dict(step=0, train_seconds=0.0)
     per_epoch = math.ceil(len(train_set) / cfg['batch_size'])
@@ -541,6 +543,7 @@ def train(cfg):
     step, seconds = ckpt['step'], ckpt['train_seconds']
     if ckpt.get('final') and step >= total:        # a finished run resumed: nothing to train or re-save
         return model.eval(), seconds
+    model.val_stats.fill_(float('nan'))             # a finished run trained further: its statistics are stale
     z_train = cache_features(model, train_set)                    # (N, c, g, g), c = 272 or 3 b^2; once
     common.print0(f'features {tuple(z_train.shape[1:])}, std {z_train.std():.3f}, {len(z_train)} training images')
     opt, ema = optimizer_and_ema(model, ckpt)
@@ -560,7 +563,8 @@ def train(cfg):
             common.save(ckpt_path, model, opt=opt.state_dict(), ema=ema.state_dict(), step=step, final=False,
                         train_seconds=seconds + time.time() - t0)
     bar.close()
-    model.eval().calibrate(cache_features(model, val_set))                    # score_norm='val' statistics
+    if val_set is not None:
+        model.eval().calibrate(cache_features(model, val_set))                # score_norm='val' statistics
     seconds += time.time() - t0
     common.save(ckpt_path, model, opt=opt.state_dict(), ema=ema.state_dict(), step=step, final=True,
                 train_seconds=seconds)

@@ -187,6 +187,8 @@ def test_predict_shapes_range_and_score(tmp_path):
     torch.testing.assert_close(out['score'], expected)
     model.cfg['top_k'] = 50                                            # K = 0.78 -> at least 1
     torch.testing.assert_close(model.predict(images(3))['score'], out['map'].flatten(1).amax(1))
+    model.cfg['top_k'] = 10 ** 6                                       # K > the map: every pixel
+    torch.testing.assert_close(model.predict(images(3))['score'], out['map'].flatten(1).mean(1))
 
 
 def test_predict_runs_t_s_t_b_with_the_images_own_noise(tmp_path):
@@ -288,6 +290,8 @@ def test_cli_errors(tmp_path):
         d.main(['--input_range', '-11', '--out_dir', str(tmp_path)])
     with pytest.raises(common.UserError, match='--betas and --anomaly_beta take two values'):
         d.main(['--anomaly_beta', '0.5', '--out_dir', str(tmp_path)])
+    with pytest.raises(common.UserError, match="segmentation net's BatchNorm needs more than one value"):
+        d.train(tiny_cfg(tmp_path, '--image_size', '16', '--seg_levels', '5', '--batch_size', '1'))   # 1x1 x 1
     with pytest.raises(common.UserError, match='--image_size 50 must be divisible by 8'):
         d.main(['--image_size', '50', '--out_dir', str(tmp_path)])      # not a size mismatch mid-forward
     for flags, message in ((['--attn_res', '8'], r"--attn_res \(8,\) matches none of the U-Net's resolutions "

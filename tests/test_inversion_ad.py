@@ -5,9 +5,11 @@ keeps the file fast; the EfficientNet-B4 features themselves are checked in the 
 import copy
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -243,14 +245,35 @@ def test_checkpoint_saved_before_calibration_cannot_score_with_val_statistics(tm
     model, path, img = ia.Model(tiny_cfg(tmp_path)), str(tmp_path / 'ckpt.pt'), str(tmp_path / 'one.png')
     common.save(path, model, step=3)                             # as a checkpoint saved mid-run
     Image.fromarray(common.synthetic('weave', 'test')[0][50].transpose(1, 2, 0)).save(img)
-    with pytest.raises(common.UserError, match='saved before its training finished'):
+    with pytest.raises(common.UserError, match='saved mid-run or without the statistics it needs'):
         E.predict(path, img, out=str(tmp_path / 'map.png'))
     outs = dict(score=np.full(2, np.nan), scores=dict(nll=np.array([1.0, 2.0]), spatial=np.array([0.0, 1.0])))
     model.cfg['score_norm'] = 'val'
-    with pytest.raises(common.UserError, match='no validation statistics yet'):
+    with pytest.raises(common.UserError, match='has no validation statistics'):
         model.postprocess(dict(outs))
     model.cfg['score_norm'] = 'test'                             # the test set's own min-max needs none
     np.testing.assert_allclose(model.postprocess(dict(outs))['score'], [0.0, 2.0], atol=1e-7)
+
+
+def test_val_frac_0_trains_on_all_images_without_validation_statistics(tmp_path):
+    """--val_frac 0 (the official code's split): every train/good image is trained on, the validation
+    statistics stay unset (score_norm=val refuses), and the test set's own min-max scores as usual."""
+    model, _ = ia.train(tiny_cfg(tmp_path, '--val_frac', '0'))
+    full = common.load_dataset(model.cfg, 'train')
+    assert len(full) == common.SYN_TRAIN and model.val_stats.isnan().all()
+    with pytest.raises(common.UserError, match='has no validation statistics'):
+        ia.Model(dict(model.cfg, score_norm='val')).postprocess(dict(scores=dict(nll=np.ones(2), spatial=np.ones(2))))
+
+
+def test_training_further_resets_the_validation_statistics(trained, tmp_path):
+    """A finished run resumed with more epochs: its mid-run checkpoints hold no stale statistics of the
+    model it continues from (they are recomputed at the new end)."""
+    model, _, out = trained
+    shutil.copytree(out, tmp_path / 'run')
+    saved = []
+    with mock.patch.object(common, 'save', lambda path, m, **state: saved.append(m.val_stats.clone())):
+        ia.train(tiny_cfg(tmp_path / 'run', '--resume', '--epochs', '2', '--ckpt_interval', '20'))
+    assert saved[0].isnan().all() and not saved[-1].isnan().any() and not model.val_stats.isnan().any()
 
 
 def test_calibration_on_too_few_validation_images_warns(trained, capsys):
