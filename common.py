@@ -679,6 +679,15 @@ def resume(cfg, Model):
     return model, ckpt
 
 
+def refuse_spent(cfg, saved, keys, phase):
+    """--resume past a phase of a run (its start, a first stage): the keys only that phase reads, typed
+    with a new value, would be printed and saved, yet not used. saved: the checkpoint's config."""
+    spent = [k for k in keys if k in saved and cfg[k] != saved[k]]
+    if spent:
+        raise UserError(f"{' '.join('--' + k for k in spent)}: this run is past {phase}, the only part that reads "
+                        f"{'them' if spent[1:] else 'it'}; a new value cannot apply on --resume")
+
+
 def _build(Model, cfg):
     """Model(cfg) from a fixed seed, so that random buffers (codebooks) come out alike in every build."""
     with torch.random.fork_rng(devices=[]):

@@ -169,6 +169,7 @@ del config['dtd_root']   # a shared key this method has no use for (no synthetic
 RENAMED = dict(feat_size='feature_size', heads='num_heads', backbone_source='backbone_record')
 # keys added since: the value a checkpoint saved before them was trained with (common.saved_config)
 LEGACY = dict(amdm_t_max=999)
+STAGE1_KEYS = tuple('amdm_steps amdm_lr amdm_t_max grad_clip ema_decay p_min p_max kappa mask snr_max'.split())
 PRESETS = {
     'paper': dict(backbone_weights='timm'),                      # ImageNet B4 (timm cache)
     # CPU minutes on 128 px synthetic images: weight-free pixel features on a 32x32 grid, a 3-level
@@ -384,7 +385,8 @@ class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        if not 0 <= cfg['t_init'] <= cfg['amdm_t_max'] or not 1 <= cfg['teacher_steps'] <= max(cfg['t_init'], 1):
+        steps_ok = not cfg['use_teacher'] or 1 <= cfg['teacher_steps'] <= max(cfg['t_init'], 1)   # DDIM from t_init
+        if not 0 <= cfg['t_init'] <= cfg['amdm_t_max'] or not steps_ok:
             raise common.UserError(f"--t_init must lie in 0..{cfg['amdm_t_max']} (the teacher's training range, "
                                    f"amdm_t_max) and --teacher_steps in 1..t_init (got {cfg['t_init']} and "
                                    f"{cfg['teacher_steps']})")
@@ -472,7 +474,7 @@ class Model(nn.Module):
             x0_hat, nfe = self.generate(self.generator, x0, eps, cfg['t_init']), 1
         err = ((x0 - x0_hat) ** 2).sum(1, keepdim=True)              # Alg. 2 line 8: the paper's S, (B, 1, S, S)
         amap = F.interpolate(err, size=image.shape[-2:], mode='bilinear', align_corners=False)
-        k = max(1, round(cfg['score_kernel'] * image.shape[-1] / 224))
+        k = min(image.shape[-1], max(1, round(cfg['score_kernel'] * image.shape[-1] / 224)))   # (<= the map)
         score = F.avg_pool2d(amap, k, stride=1).flatten(1).amax(1)    # UniAD's image score
         return dict(map=amap[:, 0], score=score, nfe={'unet': nfe})
 
@@ -657,11 +659,10 @@ def check_drift(model, x0_val, eps_val, ref, step):
         dist.all_reduce(r)
         r /= dist.get_world_size()
     if r.item() > cfg['drift_max']:
-        raise common.UserError(
-            f"the generator drifted: its validation error is {r.item():.2f}x the teacher's at ASD step "
-            f"{step} (> drift_max {cfg['drift_max']}). The last checkpoint in {cfg['out_dir']} is kept: "
-            f"continue it with a lower lr (--resume --asd_lr {cfg['asd_lr'] / 2:g}), or score its teacher "
-            "with eval.py CKPT --use_teacher")
+        raise common.UserError(f"the generator drifted: its validation error is {r.item():.2f}x the teacher's at "
+                               f"ASD step {step} (> drift_max {cfg['drift_max']}). The last checkpoint in "
+                               f"{cfg['out_dir']} is kept: continue it with a lower lr (--resume --asd_lr "
+                               f"{cfg['asd_lr'] / 2:g}), or score its teacher with eval.py CKPT --use_teacher")
     return r.item()
 
 
@@ -718,10 +719,9 @@ def train_asd(model, cfg, data, val, x0_train, state, clock):
         save = (step + 1) % cfg['ckpt_interval'] == 0 or step + 1 == cfg['asd_steps']
         if (step + 1) % cfg['log_interval'] == 0 or save:
             drift = check_drift(model, x0_val, eps_val, ref, step + 1)     # before every save
-            common.print0(f"asd step {step + 1}/{cfg['asd_steps']} | psi {l_score.item():.4f} | "
-                          f"D {l_d.item():.3f} | sid {l_sid.item():.2e} | adv {l_adv.item():.3f} | "
-                          f"val err x{drift:.3f} teacher | lr {cfg['asd_lr']:.1e} | "
-                          f"{(step + 1 - last) / (time.time() - tic):.2f} it/s")
+            common.print0(f"asd step {step + 1}/{cfg['asd_steps']} | psi {l_score.item():.4f} | D {l_d.item():.3f} | "
+                          f"sid {l_sid.item():.2e} | adv {l_adv.item():.3f} | val err x{drift:.3f} teacher | "
+                          f"lr {cfg['asd_lr']:.1e} | {(step + 1 - last) / (time.time() - tic):.2f} it/s")
             tic, last = time.time(), step + 1
         if save:
             save_asd(model, step + 1, psi, opt_g, opt_psi, clock())
@@ -755,33 +755,33 @@ def check_config(cfg):
                      (not 0 <= cfg['beta_1'] <= cfg['beta_T'] < 1, 'need 0 <= --beta_1 <= --beta_T < 1'),
                      (not 0 <= cfg['p_min'] <= cfg['p_max'] <= 1 or cfg['kappa'] < 0,     # kappa 0: p = p_max
                       'Eq. 7 needs 0 <= --p_min <= --p_max <= 1 and --kappa >= 0'),
-                     (not 0 <= cfg['ema_decay'] < 1, '--ema_decay must lie in [0, 1)')):
+                     (not 0 <= cfg['ema_decay'] < 1, '--ema_decay must lie in [0, 1)'),
+                     (min(cfg['val_images'], cfg['bn_images']) < 1, '--val_images and --bn_images must be at least 1')):
         if bad:
             raise common.UserError(fix)
 
 
 def train(cfg):
     """Stage 1 (AMDM teacher) then stage 2 (ASD); returns (model in eval mode, train seconds)."""
-    check_config(cfg)
     common.seed_everything(cfg['seed'])    # the same backbone and U-Net init on every rank
-    state = None
-    if cfg['resume']:                       # the checkpoint's config, see common.resume
-        model, state = common.resume(cfg, Model)
-    else:
-        model = Model(dict(cfg)).to(cfg['device'])
-    cfg = model.cfg
+    if not cfg['resume']:
+        check_config(cfg)                   # before building (a resumed run's own values: below)
+    model, state = common.resume(cfg, Model) if cfg['resume'] else (Model(dict(cfg)).to(cfg['device']), None)
+    cfg = model.cfg                         # the checkpoint's, when resuming (common.resume)
+    check_config(cfg)
+    if state:                               # keys of what this run has done: printed and saved, yet unused
+        common.refuse_spent(cfg, state['config'], ('bn_images', 'feat_norm'), 'its start')
+        common.refuse_spent(cfg, state['config'], STAGE1_KEYS if state['stage'] == 2 else (), 'stage 1 (AMDM)')
     key = state and ('amdm_steps' if state['stage'] == 1 else 'asd_steps')    # a stage cannot be shortened
     if state and state['step'] > cfg[key]:                                     # below what it has trained
         raise common.UserError(f"--{key} {cfg[key]} is below the {state['step']} steps that stage {state['stage']} "
                                f"of {cfg['out_dir']} has trained: give at least {state['step']}")
-    data = common.load_dataset(cfg, 'train')
-    val = common.load_dataset(cfg, 'val')    # for the drift check of stage 2: an empty split fails now
+    data, val = common.load_dataset(cfg, 'train'), common.load_dataset(cfg, 'val')   # val: stage 2's drift check
     if state is None:
         setup_backbone(model, cfg, data)
     n = {k: sum(p.numel() for p in getattr(model, k).parameters()) / 1e6 for k in ('backbone', 'teacher', 'generator')}
-    common.print0(f"parameters: backbone {n['backbone']:.2f} M (frozen, {cfg['backbone_record']['id']}), "
-                  f"teacher {n['teacher']:.2f} M, generator {n['generator']:.2f} M "
-                  f"(+ student score psi {n['teacher']:.2f} M while distilling)")
+    common.print0(f"parameters: backbone {n['backbone']:.2f} M (frozen, {cfg['backbone_record']['id']}), teacher "
+                  f"{n['teacher']:.2f} M, generator {n['generator']:.2f} M (+ psi, as large, while distilling)")
     seconds, t0 = state['train_seconds'] if state else 0.0, time.time()
     x0 = training_features(model, data, cfg, fresh=state is None)
     clock = lambda: seconds + time.time() - t0                        # noqa: E731

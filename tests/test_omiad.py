@@ -339,6 +339,9 @@ def test_score_is_the_max_of_the_box_averaged_map(run):
     boxes = F.avg_pool2d(out['map'][:, None].double(), 5, stride=1)
     assert torch.allclose(out['score'].double(), boxes.flatten(1).amax(1), rtol=1e-6)
     assert (out['score'] < out['map'].flatten(1).amax(1)).all()      # an average, not the peak
+    wide = omiad.Model(dict(run[0].cfg, score_kernel=10 ** 4))          # a kernel past the map: its mean
+    wide.load_state_dict(run[0].state_dict())
+    torch.testing.assert_close(wide.eval().predict(batch(3))['score'], out['map'].flatten(1).mean(1))
 
 
 def test_batch_size_invariance(run):
@@ -427,6 +430,29 @@ def test_a_stage_1_checkpoint_is_refused_for_evaluation(run):
         common._load_finished(tiny_cfg(os.path.dirname(stage1)), stage1, omiad.Model)          # which refuses it
 
 
+def test_keys_of_what_a_run_has_done_are_refused_at_resume(run, tmp_path):
+    """Stage 1's keys once stage 2 runs (the teacher is trained), and the start's (the feature
+    statistics) at any resume: printed and saved, they would not be used."""
+    _, _, saved = run
+    shutil.copy(next(p for p in saved if p.endswith('.stage2_step2')), tmp_path / 'ckpt.pt')
+    with pytest.raises(common.UserError, match=r'--p_max --kappa: this run is past stage 1 \(AMDM\), the only part'):
+        omiad.train(tiny_cfg(tmp_path, '--resume', '--p_max', '0.9', '--kappa', '3'))
+    shutil.copy(next(p for p in saved if p.endswith('.stage1_step2')), tmp_path / 'ckpt.pt')
+    with pytest.raises(common.UserError, match=r'--feat_norm: this run is past its start'):
+        omiad.train(tiny_cfg(tmp_path, '--resume', '--feat_norm'))
+
+
+def test_a_resumed_run_is_checked_with_its_own_values(run, tmp_path):
+    """A run whose teacher trained on t <= 200: --t_max 250 at --resume would query it where it never
+    trained; the check must use the run's amdm_t_max, not the preset's 299."""
+    path = tmp_path / 'ckpt.pt'
+    ckpt = torch.load(next(p for p in run[2] if p.endswith('.stage2_step2')), weights_only=True)
+    ckpt['config'].update(amdm_t_max=200, t_max=200)
+    torch.save(ckpt, path)
+    with pytest.raises(common.UserError, match=r'need 0 <= --t_max <= --amdm_t_max'):
+        omiad.train(tiny_cfg(tmp_path, '--resume', '--t_max', '250'))
+
+
 @pytest.mark.parametrize('stage, key', [(1, 'amdm_steps'), (2, 'asd_steps')])
 def test_a_stage_is_not_shortened_below_what_it_has_trained(run, tmp_path, stage, key):
     """Stage 1 at step 2 resumed with --amdm_steps 1 would go on to stage 2 while the checkpoint and
@@ -449,10 +475,11 @@ def test_cli_errors(tmp_path):
     with pytest.raises(common.UserError, match='cannot change without retraining'):
         common.load('ckpt.pt', omiad.Model, overrides={'ch': 8}, ckpt=ckpt)   # only INFER_KEYS may
     for overrides, message in (({'t_init': 300}, r'--t_init must lie in 0..299 \(the teacher'),
-                               ({'teacher_steps': 0}, 'teacher_steps in 1..t_init'),
+                               ({'use_teacher': True, 'teacher_steps': 0}, 'teacher_steps in 1..t_init'),
                                ({'use_teacher': True, 'teacher_steps': 500}, r'got 200 and 500')):
         with pytest.raises(common.UserError, match=message):     # inference keys, checked at every load
             omiad.Model(dict(tiny_cfg(tmp_path), **overrides))
+    omiad.Model(dict(tiny_cfg(tmp_path), t_init=5))               # the generator: teacher_steps 10 unused
     for flags in (['--ch', '48'], ['--feature_size', '6'], ['--feature_size', '0']):
         with pytest.raises(common.UserError, match='multiple of 32'):
             omiad.train(tiny_cfg(tmp_path, *flags))
@@ -462,7 +489,8 @@ def test_cli_errors(tmp_path):
                            (['--beta_1', '0.02', '--beta_T', '1e-4'], 'need 0 <= --beta_1 <= --beta_T < 1'),   # reversed
                            (['--p_min', '0.5', '--p_max', '0.1'], r'Eq\. 7 needs 0 <= --p_min <= --p_max <= 1'),
                            (['--kappa', '-1'], r'and --kappa >= 0'),        # 0^-1 at t = 0
-                           (['--ema_decay', '1'], r'--ema_decay must lie in \[0, 1\)')):     # a frozen teacher
+                           (['--ema_decay', '1'], r'--ema_decay must lie in \[0, 1\)'),     # a frozen teacher
+                           (['--val_images', '0'], '--val_images and --bn_images must be at least 1')):   # not after stage 1
         with pytest.raises(common.UserError, match=message):      # before any data is read or step is made
             omiad.train(tiny_cfg(tmp_path, *flags))
     with pytest.raises(common.UserError, match=r"--backbone pixels \(the tiny preset's\) has no weights: add --backbone"):
