@@ -152,6 +152,7 @@ config = dict(
 del config['backbone_weights']   # a shared key this method has no use for (its pretrained VAE: --vae_weights)
 # keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
 RENAMED = dict(ae_layers='ae_res_blocks')
+AE_KEYS = ('ae_crop', 'ae_steps', 'ae_batch_size', 'ae_lr', 'ae_kl', 'ae_anomaly')   # the small AE's training
 PRESETS = {
     'paper': dict(),
     'tiny': dict(batch_size=16, image_size=128, vae='small', ae_channels=(16, 32, 64), ae_res_blocks=1,
@@ -556,7 +557,8 @@ class Model(nn.Module):
                          (hd < 1 or any(w < hd or w % (w // hd) for w in widths),      # heads = width // hd
                           f'--head_dim {hd}: each attention width {tuple(widths)} needs at least one head, and '
                           'width // head_dim heads of equal size'),
-                         (not 0 <= cfg['dropout'] < 1, f"--dropout must lie in [0, 1) (got {cfg['dropout']})")):
+                         (not 0 <= cfg['dropout'] < 1, f"--dropout must lie in [0, 1) (got {cfg['dropout']})"),
+                         (cfg['strategy'] not in ('z_prev', 'z0'), f"--strategy {cfg['strategy']!r}: z_prev or z0")):
             if bad:
                 raise common.UserError(fix)
         self.cfg = cfg
@@ -597,10 +599,8 @@ class Model(nn.Module):
             z0 = z - (1 - self.abar[ts[k]]).sqrt() * eta                          # Eq. 13
             if self.cfg['strategy'] == 'z_prev' and k > 0:
                 z = z0 + (1 - self.abar[ts[k - 1]]).sqrt() * eta                    # Eq. 14
-            elif self.cfg['strategy'] in ('z_prev', 'z0'):
+            else:                                                                   # z0 (Model checks it)
                 z = z0
-            else:
-                raise common.UserError(f"--strategy {self.cfg['strategy']!r}: choose z_prev or z0")
         return z
 
     def anomaly_map(self, x_rec, x0, z_rec, z0):
@@ -714,17 +714,28 @@ def setup(cfg):
     path, resume = os.path.join(cfg['out_dir'], 'ckpt.pt'), cfg['resume']
     if resume:                                        # the checkpoint's config, see common.resume
         model, ckpt = common.resume(cfg, Model)
-        cfg = model.cfg
-    f = 8 if cfg['vae'] == 'sd' else 2 ** (len(cfg['ae_channels']) - 1)      # downsampling factor
-    latent = cfg['image_size'] // f
+        cfg = model.cfg                               # keys of what the run has done: printed, saved, unused
+        common.refuse_spent(cfg, ckpt['config'], ('vae_weights',), 'its start (the SD VAE is in the checkpoint)')
+        if ckpt['stage'] == 'diffusion':
+            common.refuse_spent(cfg, ckpt['config'], AE_KEYS, "the autoencoder's stage")
+            common.refuse_spent(cfg, ckpt['config'], ('epochs',), 'the corrector\'s start, which turned --epochs '
+                                'into --steps (type --steps)')
     if cfg['vae'] not in ('sd', 'small'):
         raise common.UserError(f"--vae {cfg['vae']!r}: choose sd or small")
+    f = 8 if cfg['vae'] == 'sd' else 2 ** max(len(cfg['ae_channels']) - 1, 0)   # downsampling factor
+    latent = cfg['image_size'] // f
+    if cfg['vae'] == 'small' and (not cfg['ae_channels'] or cfg['ae_res_blocks'] < 1 or cfg['ae_crop'] % f) or (
+            cfg['image_size'] % f):
+        raise common.UserError(f"--image_size {cfg['image_size']} and --ae_crop {cfg['ae_crop']} must be multiples "
+                               f"of the autoencoder's downsampling {f}, with --ae_res_blocks >= 1 and --ae_channels "
+                               'one width per level')
     if cfg['vae'] == 'sd' and not cfg['vae_weights'] and not resume:
         raise common.UserError('--vae sd needs --vae_weights: a local copy of stabilityai/sd-vae-ft-ema '
                                '(diffusion_pytorch_model.safetensors), or use --vae small')
-    if any(p < 1 or latent % p for p in cfg['patch_sizes']) or len(cfg['patch_sizes']) != len(cfg['patch_probs']):
+    if any(p < 1 or latent % p for p in cfg['patch_sizes']) or len(cfg['patch_sizes']) != len(cfg['patch_probs']) \
+            or not cfg['patch_probs'] or min(cfg['patch_probs']) < 0 or sum(cfg['patch_probs']) <= 0:
         raise common.UserError(f"--patch_sizes {cfg['patch_sizes']} must divide the latent size {latent} "
-                               'and match --patch_probs in length')
+                               'and match --patch_probs (weights >= 0, not all 0) in length')
     respaced(cfg['T'], cfg['S'])
     if cfg['data'] == 'visa' and not resume and 'val_frac' not in cfg.get('cli_keys', ()):
         cfg = dict(cfg, val_frac=0.0)      # the official VisA run trains on all of train/good

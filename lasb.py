@@ -134,6 +134,7 @@ config.update(batch_size=8, image_size=256, log_interval=500, ckpt_interval=5000
 
 # keys that older checkpoints and results.json hold under other names (old: new; common.current_names)
 RENAMED = dict(ema='ema_decay')
+STAGE1_KEYS = tuple('ae_steps ae_batch_size ae_lr ssim_weight vq_beta vq_decay vq_restart latent latent_scale'.split())
 PRESETS = {
     # the defaults above, with DiAD's ImageNet ResNet; 4 loader processes, as the Perlin synthesis
     # of a 256 px batch of 8 takes 0.13-0.16 s on one core, which a GPU would wait for
@@ -474,6 +475,7 @@ def check_config(cfg):
     levels = [cfg['image_size'] // 2 ** (len(cfg['ae_mult']) - 1 + i) for i in range(len(cfg['ch_mult']))]
     widths = [cfg['ch'] * m for m, r in zip(cfg['ch_mult'], levels) if r in cfg['attn_res']]   # with attention,
     widths.append(cfg['ch'] * cfg['ch_mult'][-1])                                          # the middle's too
+    pool = cfg['score_pool']                       # (kernel, times) of the image score's stride-1 poolings
     for bad, fix in ((cfg['latent'] not in ('prequant', 'quant'), f"--latent must be prequant or quant, got "
                       f"{cfg['latent']!r}"),
                      (cfg['ae_batch_size'] < 1, f"--ae_batch_size must be at least 1 (got {cfg['ae_batch_size']})"),
@@ -489,7 +491,10 @@ def check_config(cfg):
                      (not 0 < cfg['beta_min'] <= cfg['beta_max'], '--beta_min and --beta_max need 0 < beta_min '
                       f"<= beta_max (got {cfg['beta_min']} and {cfg['beta_max']})"),
                      (len(cfg['score_pool']) != 2 or len(cfg['anomaly_beta']) != 2, '--score_pool and --anomaly_beta '
-                      f"take two values, e.g. --score_pool 8,8 (got {cfg['score_pool']} and {cfg['anomaly_beta']})")):
+                      f"take two values, e.g. --score_pool 8,8 (got {cfg['score_pool']} and {cfg['anomaly_beta']})"),
+                     (len(pool) == 2 and (min(pool) < 0 or pool[0] < 1 or pool[1] * (pool[0] - 1) >= cfg['image_size']),
+                      f"--score_pool k,n: n stride-1 poolings of k px shrink the map by n (k - 1) px, which must stay "
+                      f"below --image_size {cfg['image_size']} (got {cfg['score_pool']})")):
         if bad:
             raise common.UserError(fix)
 
@@ -730,6 +735,8 @@ def train(cfg):
     common.seed_everything(cfg['seed'])            # before any per-rank seeding: one init on all ranks
     model, ckpt = common.resume(cfg, Model) if cfg['resume'] else (Model(cfg).to(cfg['device']), None)
     cfg = model.cfg                                # the checkpoint's, when resuming (common.resume)
+    if ckpt and ckpt['stage'] == 2:                # stage 1's keys would be printed and saved, yet unused
+        common.refuse_spent(cfg, ckpt['config'], STAGE1_KEYS, 'stage 1 (the autoencoder and its latent scale)')
     data = common.load_dataset(cfg, 'train')
     if ckpt is None:
         cfg['backbone_record'] = prepare_backbone(model, data, cfg)

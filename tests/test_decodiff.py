@@ -344,6 +344,12 @@ def test_exact_resume_across_both_stages(tmp_path, monkeypatch):
         resumed, _ = d.train(small_cfg(tmp_path / copy, *args, '--resume'))
         a, b = straight.state_dict(), resumed.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), copy
+    shutil.copy(tmp_path / 'a' / 'ckpt.pt.diffusion2', tmp_path / 'diffusion2' / 'ckpt.pt')   # in the corrector
+    for flags, message in ((['--ae_lr', '1e-4'], "--ae_lr: this run is past the autoencoder's stage"),
+                           (['--epochs', '3'], r"--epochs: this run is past the corrector's start.*\(type --steps\)"),
+                           (['--vae_weights', 'sd.safetensors'], '--vae_weights: this run is past its start')):
+        with pytest.raises(common.UserError, match=message):    # printed and saved, they would not be used
+            d.train(small_cfg(tmp_path / 'diffusion2', *args, '--resume', *flags))
 
 
 def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
@@ -372,8 +378,13 @@ def test_clear_errors_for_user_mistakes(tmp_path, monkeypatch):
         with pytest.raises(common.UserError, match=message):
             tiny_model(**kw)
     assert tiny_model(attn_ds=(), ch=20).unet          # no attention but the middle's; 40 // 16 = 2 heads of 20
-    with pytest.raises(common.UserError, match='strategy'):
-        tiny_model(strategy='bogus').correct(torch.zeros(1, 4, 8, 8), None)
+    with pytest.raises(common.UserError, match="--strategy 'bogus': z_prev or z0"):
+        tiny_model(strategy='bogus')                              # when built, not after training
+    for flags in (['--ae_crop', '30'], ['--ae_res_blocks', '0'], ['--ae_channels='], ['--image_size', '130']):
+        with pytest.raises(common.UserError, match=r"must be multiples of the autoencoder's downsampling"):
+            d.train(small_cfg(tmp_path, *flags))                  # not a shape error at the first step
+    with pytest.raises(common.UserError, match=r'weights >= 0, not all 0'):
+        d.train(small_cfg(tmp_path, '--patch_probs', '0,0,0'))    # not torch.multinomial's traceback
     monkeypatch.setattr(common, 'rank_world', lambda: (0, 3))    # as if under torchrun with 3 ranks
     with pytest.raises(common.UserError, match='--ae_batch_size 2 must be divisible by the 3 ranks'):
         d.train(small_cfg(tmp_path, '--ae_batch_size', '2'))

@@ -339,6 +339,9 @@ def test_exact_resume_across_both_stages(trained, tmp_path):
     ca, cb = (common.read_checkpoint(os.path.join(d, 'ckpt.pt')) for d in (cfg['out_dir'], tmp_path))
     assert all(torch.equal(ca['net'][k], cb['net'][k]) for k in ca['net'])   # raw bridge weights
     assert cb['stage'] == 2 and cb['step'] == 4
+    with pytest.raises(common.UserError, match=r'--ae_lr --vq_decay: this run is past stage 1'):   # not unused
+        lasb.train(micro_cfg(tmp_path, '--ae_steps', '4', '--steps', '6', '--resume', '--ae_lr', '0.123',
+                             '--vq_decay', '0.5'))
 
 
 def test_cli_errors(tmp_path, monkeypatch):
@@ -348,6 +351,8 @@ def test_cli_errors(tmp_path, monkeypatch):
         lasb.Model(micro_cfg(tmp_path, '--latent', 'kl'))
     with pytest.raises(common.UserError, match='--score_pool and --anomaly_beta take two values'):
         lasb.Model(micro_cfg(tmp_path, '--score_pool', '4'))
+    with pytest.raises(common.UserError, match=r'--score_pool k,n: n stride-1 poolings .* below --image_size 32'):
+        lasb.Model(micro_cfg(tmp_path, '--score_pool', '8,8'))    # 56 px of 32: not an error at evaluation
     with pytest.raises(common.UserError, match='--image_size 36 must be divisible by 8'):
         lasb.Model(micro_cfg(tmp_path, '--image_size', '36'))
     with pytest.raises(common.UserError, match='--ae_batch_size must be at least 1 .got 0.'):   # DeCo-Diff's 0 means
