@@ -12,6 +12,7 @@ tests/harness.py on a micro configuration (one synthetic category, 32-64 px, a f
   are missing;
 - every Model keeps float32 buffers and a config of plain Python types.
 """
+import json
 import os
 import subprocess
 import sys
@@ -301,3 +302,22 @@ def test_a_checkpoint_saved_before_a_rename_loads_and_resumes_as_saved(tmp_path)
     assert (model.cfg['num_heads'], model.cfg['feature_size']) == (2, 8) and 'heads' not in model.cfg
     resumed, _ = module.train(micro_cfg('omiad', tmp_path, '--resume', '--asd_steps', '5')[1])   # trains on
     assert resumed.cfg['num_heads'] == 2 and resumed.cfg['backbone_record']['id'].startswith('pixels')   # no KeyError
+
+
+def test_run_under_torchrun_trains_evaluates_on_rank_0_and_resumes_an_each_run(tmp_path):
+    """common.run itself with 2 ranks (the harness calls train() directly): a --category each run trains
+    every category, rank 0 evaluates while rank 1 waits at the barrier, and --resume of the finished run
+    keeps every category; both exit cleanly."""
+    toy = os.path.join(ROOT, 'tests', 'toy_method.py')
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', toy,
+              '--category', 'each', '--device', 'cpu', '--out_dir', str(tmp_path)]
+    env = dict(ENV, PYTHONPATH=ROOT)                                      # toy_method imports common
+    first = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for cat in common.SYNTHETIC:
+        assert common.read_checkpoint(str(tmp_path / cat / 'ckpt.pt'))['final']
+        assert os.path.isfile(tmp_path / cat / 'results.json')
+    assert set(json.load(open(tmp_path / 'results.json'))['metrics']) == set(common.SYNTHETIC) | {'mean'}
+    again = subprocess.run(launch + ['--resume'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count('finished; kept as it was') == len(common.SYNTHETIC)    # printed once (rank 0)
