@@ -51,7 +51,8 @@ def cli(main):
         print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print('interrupted (a training run keeps its last checkpoint: --resume continues from it)', file=sys.stderr)
+        print('interrupted (a training run keeps its last checkpoint, if it wrote one: --resume continues from it)',
+              file=sys.stderr)
         sys.exit(130)
 
 # -----------------------------------------------------------------------------
@@ -477,7 +478,7 @@ def _load_finished(c, path, Model):
     if changed:
         trained = ', '.join(f"{k} {ckpt['config'].get(k)!r}" for k in changed)
         infer = getattr(Model, 'INFER_KEYS', ())              # a method may have none
-        hint = f"only inference keys may differ ({', '.join(infer) or 'none'})"
+        hint = f"only inference keys may differ, through python eval.py {path} ({', '.join(infer) or 'none'})"
         if set(changed) <= set(infer) | set(MEASURED_KEYS):
             hint = f'for other data or inference keys run: python eval.py {path}' + ''.join(
                 f' --{k} {v}' for k, v in changed.items())

@@ -171,10 +171,10 @@ def summarize_each(out_dir, results, quiet=False):
     first, summary = results[0], merge(results, 'each')
     summary['missing'] = [c for c in common.categories(first['data'], first['config']['data_root'])
                           if c not in summary['metrics']]
+    write_json(os.path.join(out_dir, 'results.json'), summary)     # before the baselines, as evaluate()
     if not quiet:
         print_table(summary, baselines(dict(first['config'], category='all', categories=[
             c for c in summary['metrics'] if c != 'mean'])))
-    write_json(os.path.join(out_dir, 'results.json'), summary)
 
 
 # -----------------------------------------------------------------------------
@@ -233,8 +233,7 @@ def _load(path, argv=(), **own):
     (load() refuses others) and own options (name=default): model, ckpt, typed keys that differ, own values."""
     ckpt = common.read_checkpoint(path)                            # read once: paper checkpoints are GBs
     Model = common.import_method(ckpt['method']).Model            # a copied or new method file too
-    config = common.saved_config(ckpt, Model)
-    typed = common._parse_argv(argv, {**config, **own})
+    typed = common._parse_argv(argv, {**(config := common.saved_config(ckpt, Model)), **own})
     own = {k: typed.pop(k, v) for k, v in own.items()}
     common._check_values(own)                                      # load() checks the typed keys
     model, ckpt = common.load(path, Model, typed, common.pick_device(typed.get('device', 'auto')), ckpt)
@@ -442,8 +441,9 @@ def main(argv=None):
         return bench_metrics() if argv[1] == 'metrics' else bench(argv[1], argv[2:])
     elif argv[0] == '--baselines':
         return run_baselines(argv[1:])
-    else:
-        return evaluate_checkpoint(argv[0], argv[1:])
+    elif argv[0].startswith('--'):                 # not a checkpoint path: a mistyped command
+        raise UserError(f'unknown command {argv[0]}: give a checkpoint, --compare, --predict, --bench or --baselines')
+    return evaluate_checkpoint(argv[0], argv[1:])
 
 
 if __name__ == '__main__':

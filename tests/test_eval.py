@@ -271,7 +271,8 @@ def test_checkpoint_evaluation_overrides_and_predict(tmp_path, capsys):
         with pytest.raises(UserError, match=rf'as trained \({key} .*\); .* python eval.py \S+ --{key} {value}'):
             toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', f'--{key}', value])
     E.main([ckpt, '--device', 'auto', '--out_dir', str(tmp_path / 'auto')])   # eval.py picks the device
-    with pytest.raises(UserError, match=r'as trained \(eval_size 128\); only inference keys may differ \(noise\)'):
+    with pytest.raises(UserError, match=r'as trained \(eval_size 128\); only inference keys may differ, through '
+                                        r'python eval.py \S+ \(noise\)'):
         toy_method.main(['--out_dir', out, '--category', 'capsule', '--eval', '--eval_size', '64'])
     with pytest.raises(UserError, match=r'ckpt.pt exists: --resume continues it, --eval evaluates it'):
         toy_method.main(['--out_dir', out, '--category', 'capsule'])          # never restarted silently
@@ -510,6 +511,7 @@ def test_compare_groups_seeds_and_flags_incomplete_each(tmp_path, capsys):
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
     for argv, message in ((['nothing.pt'], 'error: no checkpoint at nothing.pt'),
                           (['--predict', 'a.pt'], 'error: usage: python eval.py --predict CKPT IMAGE'),
+                          (['--predct', 'a.pt', 'b.png'], 'error: unknown command --predct: give a checkpoint, '),
                           (['--bench', 'nomethod'], None)):
         p = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), *argv], capture_output=True,
                            text=True, cwd=tmp_path)
