@@ -217,9 +217,8 @@ def get_config(defaults, presets, argv=None, file=None, doc=''):
         del cli_args['device']
     data = cli_args.get('data', defaults['data'])
     preset = cli_args.get('preset', defaults['preset'])
-    root = cli_args.get('out_dir', '')     # --eval/--resume: its checkpoint, or an 'each' run's first member's
-    members = glob.glob(os.path.join(glob.escape(root), '*', 'ckpt.pt')) if cli_args.get('category') == 'each' else []
-    saved = next((p for p in [os.path.join(root, 'ckpt.pt')] + sorted(members) if root and os.path.isfile(p)), '')
+    root = cli_args.get('out_dir')          # --eval/--resume: the run's checkpoint, or an 'each' run's first member's
+    saved = _first_checkpoint(root, cli_args.get('category') == 'each') if root else None
     known = preset == 'auto' and (cli_args.get('eval') or cli_args.get('resume')) and bool(saved)
     if known:         # the run's preset (not the guess from --data, which its keys may contradict: that is said)
         preset = read_checkpoint(saved, mmap=True).get('preset', preset)     # (older files: the guess)
@@ -433,6 +432,13 @@ def _train(c, path, saved, train, Model):
     return model, after.get('train_seconds', seconds)
 
 
+def _first_checkpoint(out_dir, members=True):
+    """out_dir/ckpt.pt, else (members: an 'each' run keeps one per category) its first category's; or None."""
+    found = [os.path.join(out_dir, 'ckpt.pt')] + (
+        sorted(glob.glob(os.path.join(glob.escape(out_dir), '*', 'ckpt.pt'))) if members else [])
+    return next((p for p in found if os.path.isfile(p)), None)
+
+
 def _check_start(cfg, paths):
     """Fail now, not after training. A run from the start: its data must be readable, and no checkpoint
     of it may exist yet (never restart over a run silently). --resume/--eval of a --category each run
@@ -446,9 +452,7 @@ def _check_start(cfg, paths):
                 raise UserError(f'{path} exists: --resume continues it, --eval evaluates it; to train '
                                 'from the start, delete it or choose another --out_dir')
         return
-    own = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    members = sorted(glob.glob(os.path.join(glob.escape(cfg['out_dir']), '*', 'ckpt.pt')))
-    first = own if os.path.isfile(own) else members[0] if members else None
+    own, first = os.path.join(cfg['out_dir'], 'ckpt.pt'), _first_checkpoint(cfg['out_dir'])
     if first is None:
         return                                    # read_checkpoint says so where it is needed
     saved = read_checkpoint(first, mmap=True)['config']
@@ -663,9 +667,9 @@ def resume(cfg, Model):
     ckpt = read_checkpoint(path)
     saved, given = saved_config(ckpt, Model), _given(cfg)
     changed = [k for k in sorted(given - set(RESUME_KEYS)) if k in saved and saved[k] != cfg[k]]
-    if 'backbone_weights' in changed:       # read when the run started; the backbone is in the checkpoint
-        raise UserError(f"--backbone_weights cannot change on --resume: the run's backbone "
-                        f"({saved['backbone_weights'] or 'random init'}) is in its checkpoint")
+    if 'backbone_weights' in changed:       # typed; every method with a backbone sets it when the run starts
+        backbone = saved['backbone_weights'] or 'random init'
+        refuse_spent(cfg, saved, ('backbone_weights',), f'its start (its backbone, {backbone}, is in the checkpoint)')
     for key in changed:
         print0(f'resuming with {key} = {cfg[key]!r} (the checkpoint had {saved[key]!r})')
     typed = tuple(dict.fromkeys((*saved.get('cli_keys', ()), *cfg.get('cli_keys', ()))))   # over the run's life

@@ -173,7 +173,7 @@ def test_resume_keeps_the_saved_config_and_the_keys_given(tmp_path, capsys):
     with pytest.raises(UserError, match=r'missing .* typed: --steps --width\)'):   # what does not fit, and what was typed
         toy_method.main(['--out_dir', cut, '--width', '8', '--steps', '7', '--resume'])
     assert E.main([cut])['config']['lr'] == 0.05                       # eval.py takes a run folder too
-    with pytest.raises(UserError, match=r"--backbone_weights cannot change on --resume: the run's backbone \(random"):
+    with pytest.raises(UserError, match=r"--backbone_weights: this run is past its start \(its backbone, random init"):
         toy_method.main(['--out_dir', cut, '--steps', '7', '--backbone_weights', 'b4.pth', '--resume'])   # not used
 
 
