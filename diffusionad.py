@@ -564,13 +564,13 @@ def train(cfg):
     steps = cfg['steps'] or cfg['epochs'] * max(1, len(data) // cfg['batch_size'])   # drop_last, as official
     if steps < 1:
         raise common.UserError(f"--steps {cfg['steps']} and --epochs {cfg['epochs']}: nothing to train")
-    if cfg['batch_size'] // common.rank_world()[1] < 2 and cfg['image_size'] >> (cfg['seg_levels'] - 1) < 2:
-        raise common.UserError("the segmentation net's BatchNorm needs more than one value per channel: with its "
-                               '1x1 bottleneck (image_size / 2^(seg_levels - 1)) train on >= 2 images per rank')
     batches = common.train_batches(data, cfg, step,
                                    functools.partial(synth_anomaly, cfg=cfg, categories=data.categories))
     net = torch.compile(model) if cfg['compile'] else model   # shares the weights of model
     ckpt_path, (rank, world) = os.path.join(cfg['out_dir'], 'ckpt.pt'), common.rank_world()
+    if cfg['batch_size'] // world < 2 and cfg['image_size'] >> (cfg['seg_levels'] - 1) < 2:
+        raise common.UserError("the segmentation net's BatchNorm needs more than one value per channel: with its "
+                               '1x1 bottleneck (image_size / 2^(seg_levels - 1)) train on >= 2 images per rank')
     model.train()
     t0, t_log, avg = time.time(), time.time(), np.zeros(4)   # sums of (loss, noise, mask, steps)
     for step in tqdm(range(step, steps), initial=step, total=steps, disable=rank != 0, leave=False):

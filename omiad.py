@@ -768,8 +768,8 @@ def train(cfg):
         check_config(cfg)                   # before building (a resumed run's own values: below)
     model, state = common.resume(cfg, Model) if cfg['resume'] else (Model(dict(cfg)).to(cfg['device']), None)
     cfg = model.cfg                         # the checkpoint's, when resuming (common.resume)
-    check_config(cfg)
-    if state:                               # keys of what this run has done: printed and saved, yet unused
+    if state:                               # its own values; keys of what it has done: printed, saved, unused
+        check_config(cfg)
         common.refuse_spent(cfg, state['config'], ('bn_images', 'feat_norm'), 'its start')
         common.refuse_spent(cfg, state['config'], STAGE1_KEYS if state['stage'] == 2 else (), 'stage 1 (AMDM)')
     key = state and ('amdm_steps' if state['stage'] == 1 else 'asd_steps')    # a stage cannot be shortened
