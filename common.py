@@ -197,8 +197,8 @@ def _check_shared(cfg):
     _check_values(cfg)
     if cfg['train'] and cfg['eval']:
         raise UserError('--train trains and then evaluates, --eval only evaluates a saved run: give one of them')
-    if cfg['data'] not in ('synthetic', *WHERE):     # (else --category each met it as a KeyError)
-        raise UserError(f"unknown data {cfg['data']!r}; choose synthetic, {', '.join(WHERE)}")
+    if cfg['data'] not in ('synthetic', *WHERE):     # now, not as a KeyError of --category each
+        _check_root(cfg['data'], cfg['data_root'])    # which names the choices
     if not 0 <= cfg['val_frac'] < 1:
         raise UserError(f"--val_frac is the share of train/good held out: 0 <= val_frac < 1 (got {cfg['val_frac']})")
     if cfg.get('dtd_root'):
